@@ -17,3 +17,17 @@ def cifar10_small():
     if not CIFAR10_SMALL.exists():
         pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
     return CIFAR10_SMALL
+
+
+def run_script(script, *args, timeout=600, env=None, launcher=None):
+    """Run a method script as a new user would (a subprocess in the repository root); returns the
+    CompletedProcess with text stdout/stderr. `launcher` replaces `python` (e.g. torchrun)."""
+    import subprocess
+
+    command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+# A tiny, fast configuration every end-to-end test of a method script starts from.
+TINY_RUN = ["--model", "convnet", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--amp", "off", "--lr", "0.05"]
