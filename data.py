@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torchvision.transforms import v2
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "imagenet100", "mnist", "fake",
@@ -136,7 +137,8 @@ def random_crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: t
     (0 <= offset <= 2 * padding) and then mirrored left-right where flip_mask[b]. This equals
     torchvision's ``hflip(crop(pad(image, padding), y, x, H, W))``, i.e. RandomCrop(H, padding)
     + RandomHorizontalFlip with those draws. The flip is folded into the column indices, so it
-    costs nothing extra.
+    costs nothing extra; one gather over each flattened H*W plane is about 4x faster on CPU
+    than indexing with four broadcast index tensors.
     """
     batch, channels, height, width = images.shape
     device = images.device
@@ -145,9 +147,9 @@ def random_crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: t
     columns = torch.arange(width, device=device).expand(batch, width)
     columns = torch.where(flip_mask.to(device)[:, None], width - 1 - columns, columns)
     columns = columns + offsets_x.to(device)[:, None]                                       # [B, W]
-    batch_index = torch.arange(batch, device=device)[:, None, None, None]
-    channel_index = torch.arange(channels, device=device)[None, :, None, None]
-    return padded[batch_index, channel_index, rows[:, None, :, None], columns[:, None, None, :]]
+    flat_index = rows[:, :, None] * padded.shape[-1] + columns[:, None, :]                  # [B, H, W]
+    flat_index = flat_index.view(batch, 1, height * width).expand(batch, channels, height * width)
+    return padded.flatten(2).gather(2, flat_index).view(batch, channels, height, width)
 
 
 def normalize(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,8 @@ def normalize(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
 
 def channel_stats(images_uint8: torch.Tensor, chunk: int = 1024) -> tuple[tuple, tuple]:
     """Per-channel mean and std (population, over all pixels) of uint8 images [N, C, H, W] in
-    [0, 1] units, summed in float64 chunk by chunk so big sets need little extra memory."""
+    [0, 1] units, summed in float64 chunk by chunk so big sets need little extra memory. The
+    std is floored at 1/255 so that a constant channel (synthetic data) is not divided by 0."""
     total = torch.zeros(images_uint8.shape[1], dtype=torch.float64)
     total_squares = torch.zeros_like(total)
     for block in images_uint8.split(chunk):
@@ -166,7 +169,7 @@ def channel_stats(images_uint8: torch.Tensor, chunk: int = 1024) -> tuple[tuple,
         total_squares += block.square_().sum(dim=(0, 2, 3), dtype=torch.float64).cpu()
     count = images_uint8.numel() / images_uint8.shape[1]
     mean = total / count
-    std = (total_squares / count - mean.square()).clamp_min(0).sqrt()
+    std = (total_squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
@@ -304,7 +307,8 @@ def _load_npz(path: Path, grouped_by_class: bool = False) -> ImageArrays:
         return _arrays_from_npz_layout(arrays, grouped_by_class)
 
 
-# name: (torchvision class, files or folders that hold it locally, where to get it, mean, std)
+# name: (torchvision class, what to place in data_dir and where to get it, mean, std; None: the
+# training images' own)
 _TORCHVISION_SOURCES = {
     "cifar10": ("CIFAR10", "cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/"
                 "cifar-10-python.tar.gz) or its extracted folder cifar-10-batches-py/",
@@ -351,7 +355,6 @@ def _load_torchvision(name: str, data_dir: str) -> ImageArrays:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))  # some Tiny ImageNet images are grey
 
@@ -505,7 +508,8 @@ class FolderLoader:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
             num_workers=min(num_workers, _usable_cpus()),
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator())  # its seed draw for the workers would advance the global RNG
         self.num_samples = len(self.loader) * batch_size if train else len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:

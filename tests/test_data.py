@@ -1,0 +1,236 @@
+"""data.py: batched crop/flip against torchvision, normalisation, loader contract (lengths,
+determinism, distributed shards), every dataset path on tiny synthetic files, error messages."""
+import struct
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+import data
+
+
+def batches(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def concatenated(loader, epoch=0):
+    images, labels = zip(*batches(loader, epoch))
+    return torch.cat(images), torch.cat(labels)
+
+
+def write_image(path, colour, size=(64, 64), file_format="JPEG"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, file_format)
+
+
+# ----------------------------------------------------------------------------- batched augmentation
+@pytest.mark.parametrize("size, padding", [(32, 4), (64, 8), (32, 2)])
+def test_random_crop_flip_equals_torchvision_pad_crop_hflip(size, padding):
+    generator = torch.Generator().manual_seed(size + padding)
+    images = torch.randint(256, (6, 3, size, size), generator=generator, dtype=torch.uint8)
+    top = 2 * padding
+    cases = [(0, 0, False), (top, top, False), (0, top, True), (top, 0, True),
+             (padding - 1, padding + 1, True), (padding, padding, False)]  # hand-picked (y, x, flip)
+    offsets_y, offsets_x, flips = (torch.tensor(column) for column in zip(*cases))
+    result = data.random_crop_flip(images, offsets_y, offsets_x, flips, padding)
+    for image, (y, x, flip), got in zip(images, cases, result):
+        expected = TF.crop(TF.pad(image, [padding]), y, x, size, size)
+        expected = TF.horizontal_flip(expected) if flip else expected
+        assert torch.equal(got, expected), (y, x, flip)
+
+
+def test_random_crop_flip_equals_torchvision_random_transforms_with_same_draws():
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip(1.0) at a known crop position."""
+    image = torch.randint(256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    padded = TF.pad(image, [4])
+    expected = TF.horizontal_flip(TF.crop(padded, 7, 2, 32, 32))
+    got = data.random_crop_flip(image[None], torch.tensor([7]), torch.tensor([2]), torch.tensor([True]), 4)
+    assert torch.equal(got[0], expected)
+
+
+# ----------------------------------------------------------------------------- normalisation, contract
+def test_unaugmented_batch_is_normalised_gather():
+    loaded = data.build_data("fake", batch_size=64, augment="none")
+    images, labels = batches(loaded.train)[0]
+    indices = loaded.train.epoch_indices()[:64]
+    source = loaded.train.images[indices].float()
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (loaded.mean, loaded.std))
+    torch.testing.assert_close(images, (source / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels, loaded.train.labels[indices])
+
+
+def test_npz_dataset(cifar10_small):
+    loaded = data.build_data(str(cifar10_small), batch_size=128, eval_batch_size=300)
+    assert (loaded.num_classes, loaded.image_size) == (10, 32)
+    assert loaded.class_names[:3] == ["airplane", "automobile", "bird"]
+    assert len(loaded.train) == 5000 // 128 and loaded.train.num_samples == 5000 // 128 * 128
+    assert len(loaded.test) == 4 and loaded.test.num_samples == 1000
+    images, labels = next(iter(loaded.train))
+    assert images.shape == (128, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and images.device.type == "cpu"
+    test_images, test_labels = concatenated(loaded.test)
+    assert len(test_images) == 1000 and torch.equal(test_labels.bincount(), torch.full((10,), 100))
+    # mean/std come from the training images, so the test set is close to standardised
+    per_channel = test_images.transpose(0, 1).flatten(1)
+    assert per_channel.mean(1).abs().max() < 0.05
+    assert (per_channel.std(1) - 1).abs().max() < 0.05
+
+
+def test_subset_takes_first_rows(cifar10_small):
+    full = data.build_data(str(cifar10_small), batch_size=50, augment="none")
+    loaded = data.build_data(str(cifar10_small), batch_size=50, subset=300, augment="none")
+    assert len(loaded.train) == 6 and loaded.test.num_samples == 300
+    assert torch.equal(concatenated(loaded.test)[0], concatenated(full.test)[0][:300])
+
+
+def test_same_seed_and_epoch_give_identical_batches_without_touching_global_rng():
+    first = data.build_data("fake", batch_size=100, seed=5)
+    second = data.build_data("fake", batch_size=100, seed=5)
+    rng_state = torch.get_rng_state()
+    for epoch in range(3):  # the first loader walks epochs 0..2, as an uninterrupted run would
+        epoch_two = batches(first.train, epoch)
+    resumed = batches(second.train, 2)  # the second jumps straight to epoch 2, as a resumed run
+    assert all(torch.equal(a, b) for pair in zip(epoch_two, resumed) for a, b in zip(*pair))
+    batches(first.test)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    second.train.set_epoch(3)  # another epoch: another order
+    assert not torch.equal(first.train.epoch_indices(), second.train.epoch_indices())
+    other_seed = data.build_data("fake", batch_size=100, seed=6)
+    other_seed.train.set_epoch(2)
+    assert not torch.equal(other_seed.train.epoch_indices(), second.train.epoch_indices())
+
+
+def test_distributed_shards():
+    ranks = [data.build_data("fake", batch_size=100, rank=rank, world_size=2) for rank in (0, 1)]
+    for loaded in ranks:
+        loaded.train.set_epoch(4)
+    shards = [loaded.train.epoch_indices() for loaded in ranks]
+    assert len(shards[0]) == len(shards[1]) == data.FAKE_TRAIN // 2
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    assert len(ranks[0].train) == len(ranks[1].train) == data.FAKE_TRAIN // 2 // 100
+    test_labels = torch.cat([concatenated(loaded.test)[1] for loaded in ranks])
+    assert torch.equal(test_labels, data.build_data("fake").test.labels)
+    covered = torch.cat([data.test_shard_indices(1001, rank, 3) for rank in range(3)])
+    assert torch.equal(covered, torch.arange(1001))
+
+
+def test_autoaugment_is_deterministic_and_keeps_global_rng():
+    build = lambda: data.build_data("fake", batch_size=16, subset=32, augment="autoaugment")
+    rng_state = torch.get_rng_state()
+    first, second = batches(build().train, 1), batches(build().train, 1)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert len(first) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_dataset_and_augment_list_accepted_values():
+    with pytest.raises(ValueError, match="cifar100.*tinyimagenet.*folder:PATH.*PATH.npz"):
+        data.build_data("cifar1000")
+    with pytest.raises(ValueError, match="standard, none, autoaugment"):
+        data.build_data("fake", augment="randaugment")
+
+
+def test_cifar100_offline_names_the_file_to_place(tmp_path, monkeypatch):
+    def offline(self):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python\.tar\.gz.*cifar-100-python/") as error:
+        data.build_data("cifar100", data_dir=str(tmp_path))
+    assert str(tmp_path) in str(error.value) and error.value.__cause__ is None
+
+
+# ----------------------------------------------------------------------------- dataset paths
+def test_fake_dataset():
+    loaded = data.build_data("fake", batch_size=256)
+    assert (loaded.num_classes, loaded.image_size, len(loaded.train), len(loaded.test)) == (10, 32, 4, 1)
+    assert next(iter(loaded.train))[0].shape == (256, 3, 32, 32)
+
+
+def write_idx(path, array):
+    """MNIST's idx format: magic (0, 0, type 0x08 = uint8, number of dims), big-endian sizes, bytes."""
+    header = struct.pack(">I", 0x800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_is_padded_to_32_and_three_channels(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 8), ("t10k", 4)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(1, 256, (count, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+    loaded = data.build_data("mnist", data_dir=str(tmp_path), batch_size=4, augment="none")
+    assert (loaded.num_classes, loaded.image_size, len(loaded.train)) == (10, 32, 2)
+    images, labels = next(iter(loaded.test))
+    assert images.shape == (4, 3, 32, 32) and torch.equal(labels, torch.arange(4))
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    zero = -loaded.mean[0] / loaded.std[0]
+    assert torch.allclose(images[:, :, :2], torch.tensor(zero)) and (images[:, :, 2:30, 2:30] > zero).all()
+    standard = data.build_data("mnist", data_dir=str(tmp_path), batch_size=4)
+    assert standard.train.crop_flip == data.CropFlip(padding=2, flip=False)
+
+
+CLASS_COLOURS = {"n01443537": (250, 10, 10), "n01629819": (10, 10, 250)}
+
+
+def test_tinyimagenet_folder_layout_and_cache(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = list(CLASS_COLOURS)
+    root.mkdir()
+    (root / "wnids.txt").write_text("\n".join(reversed(wnids)) + "\n")  # official file is unsorted
+    (root / "words.txt").write_text("n01443537\tgoldfish, Carassius auratus\nn01629819\tsalamander\n")
+    annotations = []
+    for wnid, colour in CLASS_COLOURS.items():
+        for number in range(2):
+            write_image(root / "train" / wnid / "images" / f"{wnid}_{number}.JPEG", colour)
+            val_name = f"val_{len(annotations)}.JPEG"
+            write_image(root / "val" / "images" / val_name, colour)
+            annotations.append(f"{val_name}\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    loaded = data.build_data("tinyimagenet", data_dir=str(tmp_path), batch_size=2, augment="none")
+    assert (loaded.class_names, loaded.image_size, len(loaded.train)) == (["goldfish", "salamander"], 64, 2)
+    assert loaded.train.crop_flip is None and data.build_data(
+        "tinyimagenet", data_dir=str(tmp_path)).train.crop_flip == data.CropFlip(padding=8)
+    images, labels = concatenated(loaded.test)
+    assert images.shape == (4, 3, 64, 64) and torch.equal(labels, torch.tensor([0, 0, 1, 1]))
+    red_minus_blue = images[:, 0].mean((1, 2)) - images[:, 2].mean((1, 2))
+    assert ((red_minus_blue > 0) == (labels == 0)).all()  # label 0 is the red class
+    assert (root / data.TINYIMAGENET_CACHE).exists()
+    cached = data.build_data("tinyimagenet", data_dir=str(tmp_path), batch_size=2, augment="none")
+    assert torch.equal(concatenated(cached.test)[0], images)
+
+
+def write_image_folder(root, class_names, per_class=2):
+    for split in ("train", "val"):
+        for label, name in enumerate(class_names):
+            for number in range(per_class):
+                write_image(root / split / name / f"{number}.png", (label * 2 % 256, 80, 160),
+                            size=(40 + number, 30), file_format="PNG")
+
+
+def test_folder_dataset_uses_imagenet_transforms_deterministically(tmp_path):
+    write_image_folder(tmp_path / "birds", ["albatross", "crow"])
+    build = lambda workers=0: data.build_data(f"folder:{tmp_path / 'birds'}", batch_size=2, num_workers=workers)
+    loaded = build()
+    assert (loaded.num_classes, loaded.image_size, loaded.class_names) == (2, 224, ["albatross", "crow"])
+    assert (len(loaded.train), len(loaded.test), loaded.mean) == (2, 2, data.IMAGENET_MEAN)
+    rng_state = torch.get_rng_state()
+    # the same crops from a fresh loader, and from 2 worker processes: seeded per image and epoch
+    first, again = batches(loaded.train, 1), batches(build(workers=2).train, 1)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert first[0][0].shape == (2, 3, 224, 224) and first[0][0].dtype == torch.float32
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert torch.equal(concatenated(loaded.test)[1], torch.tensor([0, 0, 1, 1]))
+
+
+def test_imagenet100_keeps_first_100_sorted_classes(tmp_path):
+    names = [f"n{number:08d}" for number in range(101, 0, -1)]
+    write_image_folder(tmp_path, names, per_class=1)
+    loaded = data.build_data("imagenet100", data_dir=str(tmp_path), batch_size=50, num_workers=0)
+    assert loaded.num_classes == 100 and loaded.class_names == sorted(names)[:100]
+    assert loaded.test.num_samples == 100
