@@ -1,0 +1,546 @@
+"""Channel Self-Supervision for online knowledge distillation (CSS), paper 004.
+
+Two networks, each a shared stem and m branches that own a copy of the last stage and a K*m-way
+head, learn from each other: branch j sees the shared feature map with its own h/4 x w/4 square
+zeroed and learns the joint label y*m + j, so branches differ in input, target and parameters.
+
+    L = CE_net1 + CE_net2 + T^2 (alpha_1 KD_net1 + alpha_2 KD_net2)                          (eq. 6-7)
+    CE_net = (1/m) sum_j CE(z_j, y*m + j)                                                  (eq. 2)
+    KD_net1 = (1/m) sum_j KL(softmax(z2_j / T) || softmax(z1_j / T)) on the K*m logits, T = 3
+    alpha_1 = CE_net1 / CE_net2, alpha_2 = 1 / alpha_1                                     (eq. 5)
+    inference: P_i = (1/m) sum_j z_j[i*m + j], softmax over the K classes                  (eq. 3-4)
+
+Details from the authors' code (SPEC.md section 3): the mask zeroes 1/16 of each channel (the
+paper's text says a quarter), in training and at test; CE and KD are averaged over branches (eq.
+7 writes sums). Choice: the peer targets and the alphas are detached (a weight is not a learning
+signal); `--no-detach` reproduces the authors' code. Deployed: network 1's aggregated prediction;
+network 2, the two-network ensemble (mean of both P) and every branch are reported too.
+
+Paper protocol (the script's defaults): 300 epochs, 5 warm-up epochs, lr x0.1 at epochs 150 and
+225, batch 128, weight decay 5e-4. Reproduce Table 1's ResNet-110 / CIFAR-100 row (paper, mean of
+runs: 76.21% baseline, 80.71% CSS, 81.56% ensemble of the two networks):
+    python css.py --model resnet110_bottleneck --dataset cifar100
+    python css.py --model resnet110_bottleneck --dataset cifar100 --single-network --branches 1 --no-mask   # baseline
+Table 5 (ResNet-110, ablation): A 79.88% `--single-network --branches 4 --no-joint-labels`,
+B 80.15% `--single-network --branches 4`, C 80.97% `--branches 2 --fixed-weights`, D 81.27% `--branches 2`.
+Table 4 (two architectures): `--model resnet110_bottleneck --net2-model resnet56_bottleneck`.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from data import DATASETS, build_data
+from models import MODEL_NAMES, build_model
+
+METHOD = "css"
+
+
+# ==== arguments: the common block is identical in every method file ====
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of the whole usage block
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common = parser.add_argument_group("common (identical in every method file)")
+    common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
+    common.add_argument("--dataset", default="cifar100", help=f"{', '.join(DATASETS)}, folder:PATH or PATH.npz")
+    common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
+    common.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images")
+    common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
+    common.add_argument("--seed", type=int, default=0, help="random seed (offset by the rank under torchrun)")
+    common.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
+    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast precision; fp16 uses a GradScaler (CUDA only)")
+    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on tensor cores)")
+    common.add_argument("--compile", action="store_true", help="torch.compile every network")
+    common.add_argument("--epochs", type=int, default=200, help="training epochs")
+    common.add_argument("--batch-size", type=int, default=256, help="global batch size (split across ranks)")
+    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
+    common.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    common.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    common.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
+    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--warmup-epochs", type=float, default=0, help="linear learning-rate warm-up")
+    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"], help="cosine to 0 per step, or steps at --milestones")
+    common.add_argument("--milestones", type=int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
+    common.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
+    common.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always after the last)")
+    common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
+    common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
+    common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
+    method = parser.add_argument_group("CSS (paper 004); the common defaults above follow its schedule: 300 epochs, 5 warm-up, x0.1 at 150 and 225, batch 128")
+    method.add_argument("--branches", type=int, default=3, help="branches m per network (section 4.1: m = 3); each owns a copy of the last stage")
+    method.add_argument("--net2-model", default=None, help="architecture of network 2 (default: --model; Table 4)")
+    method.add_argument("--temperature", type=float, default=3.0, help="distillation temperature T (eq. 7; T = 3 after ONE)")
+    method.add_argument("--no-mask", action="store_true", help="no feature masks before the branches (Table 5: without SD)")
+    method.add_argument("--no-joint-labels", action="store_true", help="K-way branch heads on plain labels; inference = mean of branch logits (Table 5: without TD)")
+    method.add_argument("--single-network", action="store_true", help="one network, CE only, no distillation (Table 5: without ND)")
+    method.add_argument("--fixed-weights", action="store_true", help="alpha_1 = alpha_2 = 1 instead of the CE ratios of eq. 5 (Table 5: without DW)")
+    method.add_argument("--no-detach", action="store_true", help="let gradients flow through the peer targets and the alphas (the authors' code)")
+    parser.set_defaults(epochs=300, warmup_epochs=5, schedule="multistep", milestones=[150, 225], batch_size=128, weight_decay=5e-4)  # the paper's protocol
+    args = parser.parse_args(argv)
+    if args.branches < 1:
+        parser.error(f"--branches must be >= 1, got {args.branches}")
+    if args.branches > len(MASK_GRID_CELLS) and not args.no_mask:
+        parser.error(f"--branches {args.branches}: the masks come from a 4x4 grid, so at most {len(MASK_GRID_CELLS)} branches (or use --no-mask)")
+    if args.temperature <= 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.single_network and args.net2_model:
+        parser.error("--net2-model needs two networks (drop --single-network)")
+    return args
+
+
+# ==== the method ====
+# Sample diversity (section 3.1): branch j's square in a 4x4 grid over the feature map, as
+# (row, column). The first four are the corners in the authors' order (top-left, bottom-right,
+# bottom-left, top-right); choice: branches 5..16 take the remaining squares in row-major order.
+CORNER_CELLS = [(0, 0), (3, 3), (3, 0), (0, 3)]
+MASK_GRID_CELLS = CORNER_CELLS + [(row, column) for row in range(4) for column in range(4) if (row, column) not in CORNER_CELLS]
+
+
+def mask_square(branch, height, width):
+    """(rows, columns) slices of the h/4 x w/4 square that branch j zeroes (section 3.1, eq. 1).
+
+    Squares lie on a 4x4 grid, flush with the edges; when h or w is not a multiple of 4 the side
+    is h // 4 and the grid's inner rows are spread evenly (choice: corners stay corners)."""
+    row, column = MASK_GRID_CELLS[branch]
+    side_h, side_w = height // 4, width // 4
+    top, left = row * (height - side_h) // 3, column * (width - side_w) // 3
+    return slice(top, top + side_h), slice(left, left + side_w)
+
+
+def mask_features(features, branch):
+    """F_j = A_j * F (eq. 1): the same square zeroed in every channel of a [B, C, H, W] map."""
+    rows, columns = mask_square(branch, features.shape[-2], features.shape[-1])
+    mask = torch.ones(features.shape[-2:], device=features.device, dtype=features.dtype)
+    mask[rows, columns] = 0
+    return features * mask
+
+
+def joint_labels(targets, branch, num_branches):
+    """Target diversity (section 3.2): branch j learns the joint label y*m + j of K*m classes."""
+    return targets * num_branches + branch
+
+
+def branch_class_logits(logits, branch, num_branches):
+    """Branch j's K-way logits: its joint logits z_j[i*m + j] for the classes i = 0..K-1 (eq. 4)."""
+    return logits[:, branch::num_branches]
+
+
+def aggregate_logits(branch_logits, num_branches):
+    """Aggregated inference (eq. 3-4): P_i = (1/m) sum_j z_j[i*m + j]; list of [B, K*m] -> [B, K]."""
+    return torch.stack([branch_class_logits(logits, j, num_branches) for j, logits in enumerate(branch_logits)]).mean(0)
+
+
+def branch_cross_entropy(branch_logits, targets, joint=True):
+    """CE of one network (eq. 2, 5), averaged over its branches (authors' code); fp32.
+    joint=False: every branch on the plain labels (Table 5 without TD)."""
+    num_branches = len(branch_logits)
+    return sum(F.cross_entropy(logits.float(), joint_labels(targets, j, num_branches) if joint else targets)
+               for j, logits in enumerate(branch_logits)) / num_branches
+
+
+def distillation_loss(self_branch_logits, peer_branch_logits, temperature=3.0, detach_peer=True):
+    """One network's KD term of eq. 7: T^2 * (1/m) sum_j KL(softmax(z_peer_j / T) || softmax(z_self_j / T)).
+
+    Branch j learns from the peer's branch j (same mask, same joint labels) on all K*m logits; KL is
+    summed over classes and averaged over the batch; averaged over branches (authors' code). fp32."""
+    total = 0.0
+    for self_logits, peer_logits in zip(self_branch_logits, peer_branch_logits):
+        peer_log_probs = F.log_softmax(peer_logits.float() / temperature, dim=1)
+        self_log_probs = F.log_softmax(self_logits.float() / temperature, dim=1)
+        peer_log_probs = peer_log_probs.detach() if detach_peer else peer_log_probs
+        total = total + F.kl_div(self_log_probs, peer_log_probs, reduction="batchmean", log_target=True)
+    return temperature**2 * total / len(self_branch_logits)
+
+
+def dynamic_weights(ce_net1, ce_net2, detach=True):
+    """Eq. 5: alpha_1 = CE_net1 / CE_net2 weighs network 1's KD term, alpha_2 = 1 / alpha_1: the
+    network with the higher loss learns more from its peer. Detached by default (choice)."""
+    alpha_1 = ce_net1 / ce_net2
+    alpha_1 = alpha_1.detach() if detach else alpha_1
+    return alpha_1, 1 / alpha_1
+
+
+def css_loss(branch_logits_1, branch_logits_2, targets, temperature=3.0, joint=True, fixed_weights=False, detach=True):
+    """Eq. 6-7 for two networks (lists of per-branch logits); with branch_logits_2 None, network 1's
+    CE alone (Table 5's single-network cases). Returns (total, dict of the terms)."""
+    ce_1 = branch_cross_entropy(branch_logits_1, targets, joint)
+    if branch_logits_2 is None:
+        return ce_1, {"ce_net1": ce_1}
+    ce_2 = branch_cross_entropy(branch_logits_2, targets, joint)
+    kd_1 = distillation_loss(branch_logits_1, branch_logits_2, temperature, detach_peer=detach)
+    kd_2 = distillation_loss(branch_logits_2, branch_logits_1, temperature, detach_peer=detach)
+    alpha_1, alpha_2 = (torch.ones_like(ce_1), torch.ones_like(ce_2)) if fixed_weights else dynamic_weights(ce_1, ce_2, detach)
+    total = ce_1 + ce_2 + alpha_1 * kd_1 + alpha_2 * kd_2
+    return total, {"ce_net1": ce_1, "ce_net2": ce_2, "kd_net1": kd_1, "kd_net2": kd_2, "alpha_net1": alpha_1, "alpha_net2": alpha_2}
+
+
+def shared_features(stem, shared_stages, x):
+    """Outputs of the shared stages; the last one is the feature map the branches mask."""
+    features = []
+    x = stem(x)
+    for stage in shared_stages:
+        x = stage(x)
+        features.append(x)
+    return features
+
+
+@torch.no_grad()
+def check_branchable(backbone, use_mask, image_size):
+    """Fail at build time, with the reason, for a backbone CSS cannot split into a shared part and
+    branched last stages, or whose shared feature map cannot be masked (not [B, C, H, W], H or W < 4)."""
+    if not all(hasattr(backbone, part) for part in ("stem", "stages", "head")) or len(backbone.stages) < 2:
+        raise ValueError(f"CSS needs a backbone of a stem, at least 2 stages and one head to branch its last stage; "
+                         f"{type(backbone).__name__} is not one (a multi-exit MSDNet cannot be split this way)")
+    if not use_mask:
+        return
+    was_training = backbone.training
+    backbone.eval()  # no running-statistics update
+    shared = shared_features(backbone.stem, backbone.stages[:-1], torch.zeros(1, 3, image_size, image_size))[-1]
+    backbone.train(was_training)
+    if shared.dim() != 4 or min(shared.shape[-2:]) < 4:
+        raise ValueError(f"CSS masks a square of the feature map entering the last stage, which needs shape [B, C, H, W] "
+                         f"with H, W >= 4; this backbone gives {list(shared.shape)} (try --no-mask)")
+
+
+class MultiBranchNet(torch.nn.Module):
+    """A network of CSS (Fig. 1): the shared stem and stages, then m branches, each a (masked)
+    copy of the last stage and a head with K*m outputs (K with joint_labels=False).
+
+    `backbones`: one freshly built backbone per branch (models.build_model with K*m classes); the
+    first gives the shared part, each gives its branch's last stage and head, so the branches start
+    independently initialised, as the authors build each branch's layer anew. forward(x) gives the
+    aggregated [B, K] logits (eq. 3-4; the plain mean of the branch logits without joint labels);
+    forward(x, return_branches=True) the list of per-branch logits; forward(x,
+    return_features=True) (aggregated logits, stage outputs) where the last stage's entry is branch
+    1's output (choice: it corresponds to network 2's branch 1, like the KD pairs)."""
+
+    def __init__(self, backbones, num_classes, use_mask=True, joint_labels=True, image_size=32):
+        super().__init__()
+        first = backbones[0]
+        check_branchable(first, use_mask, image_size)
+        self.num_branches, self.num_classes = len(backbones), num_classes
+        self.use_mask, self.joint_labels = use_mask, joint_labels
+        head_outputs = num_classes * self.num_branches if joint_labels else num_classes
+        if first.head.fc.out_features != head_outputs:
+            raise ValueError(f"branch heads have {first.head.fc.out_features} outputs, CSS needs {head_outputs}")
+        self.stem, self.shared_stages = first.stem, first.stages[:-1]
+        self.branch_stages = torch.nn.ModuleList(backbone.stages[-1] for backbone in backbones)
+        self.heads = torch.nn.ModuleList(backbone.head for backbone in backbones)
+        self.stage_channels, self.feature_dim = list(first.stage_channels), first.feature_dim
+
+    def shared_forward(self, x):
+        return shared_features(self.stem, self.shared_stages, x)
+
+    def aggregate(self, branch_logits):
+        if self.joint_labels:
+            return aggregate_logits(branch_logits, self.num_branches)
+        return torch.stack(branch_logits).mean(0)
+
+    def branch_prediction(self, logits, branch):
+        """Branch j alone as a K-way classifier (its accuracy is logged)."""
+        return branch_class_logits(logits, branch, self.num_branches) if self.joint_labels else logits
+
+    def forward(self, x, return_features=False, return_branches=False):
+        features = self.shared_forward(x)
+        branch_logits, branch_outputs = [], []
+        for j, (stage, head) in enumerate(zip(self.branch_stages, self.heads)):
+            output = stage(mask_features(features[-1], j) if self.use_mask else features[-1])
+            branch_outputs.append(output)
+            branch_logits.append(head(output))
+        if return_branches:
+            return branch_logits
+        logits = self.aggregate(branch_logits)
+        return (logits, features + branch_outputs[:1]) if return_features else logits
+
+
+def build_networks(args, num_classes, image_size):
+    """The networks this method trains and evaluates, by name (analysis.py rebuilds runs with it)."""
+    head_outputs = num_classes * args.branches if not args.no_joint_labels else num_classes
+    architectures = {"net1": args.model} if args.single_network else {"net1": args.model, "net2": args.net2_model or args.model}
+    networks = {}
+    for name, architecture in architectures.items():
+        first = build_model(architecture, head_outputs, image_size)
+        check_branchable(first, not args.no_mask, image_size)  # before building the other branches
+        backbones = [first] + [build_model(architecture, head_outputs, image_size) for _ in range(args.branches - 1)]
+        networks[name] = MultiBranchNet(backbones, num_classes, not args.no_mask, not args.no_joint_labels, image_size)
+    return networks
+
+
+DEPLOYED = "net1"  # network 1's aggregated prediction (eq. 3-4)
+
+
+# ==== scaffolding helpers: identical in every method file ====
+def lr_factor(step, steps_per_epoch, args):
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine to 0 at the
+    last step (SPEC 1), or x gamma at each milestone epoch."""
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if args.schedule == "multistep":
+        return args.gamma ** sum(step >= m * steps_per_epoch for m in args.milestones)
+    progress = (step - warmup_steps) / max(1, args.epochs * steps_per_epoch - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params, args, lr=None):
+    lr = args.lr if lr is None else lr
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
+
+
+@torch.no_grad()
+def evaluate(predict, loader, autocast, distributed):
+    """Top-1, top-5 and NLL of every output of `predict` (name -> logits) over the test set."""
+    sums = {}
+    for images, labels in loader:
+        with autocast():
+            outputs = predict(images)
+        for name, logits in outputs.items():
+            logits = logits.float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            batch = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
+                                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=labels.device)]).double()
+            sums[name] = sums[name] + batch if name in sums else batch
+    results = {}
+    for name, total in sums.items():
+        if distributed:
+            dist.all_reduce(total)
+        top1, top5, nll, count = total.tolist()
+        results[name] = {"top1": top1 / count, "top5": top5 / count, "nll": nll / count}
+    return results
+
+
+def find_checkpoint(path):
+    path = Path(path)
+    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        sys.exit(f"{Path(sys.argv[0]).name}: error: no checkpoint at {checkpoint} (give a run folder or a checkpoint.pt)")
+    return checkpoint
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file and rename, so a kill mid-write never leaves a broken file."""
+    tmp = Path(str(path) + ".tmp")
+    if isinstance(obj, dict) and path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=2))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def format_metrics(record):
+    losses = " ".join(f"{k} {v:.4f}" for k, v in record["losses"].items())
+    accuracy = " ".join(f"{k} {v['top1']:.4f}" for k, v in record.get("test", {}).items()) or "-"
+    eta = time.strftime("%H:%M:%S", time.gmtime(record["eta_s"]))
+    return (f"epoch {record['epoch']}/{record['epochs']} | lr {record['lr']:.4g} | {losses} | "
+            f"top1 {accuracy} | {record['images_per_s']:.0f} img/s | eta {eta}")
+
+
+def main(args):
+    prog = Path(sys.argv[0]).name
+    # ==== setup: distributed, device, seed, precision (identical in every method file) ====
+    if args.resume:  # continue with the run's own arguments; only these may change
+        checkpoint_path = find_checkpoint(args.resume)
+        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        overrides = {k: getattr(args, k) for k in ("resume", "stop_after", "device", "data_dir", "compile")}
+        args = argparse.Namespace(**{**resumed["args"], **overrides, "out_dir": str(checkpoint_path.parent)})
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if distributed and args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    if args.amp == "fp16" and device.type != "cuda":
+        sys.exit(f"{prog}: error: --amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    try:
+        data = build_data(args.dataset, args.data_dir, args.batch_size // world_size, device, subset=args.subset,
+                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        networks = build_networks(args, data.num_classes, data.image_size)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{prog}: error: {error}")
+    run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(args.out_dir or Path("runs") / run_name)
+    args.out_dir = str(out_dir)
+
+    # ==== the method's networks, optimizers and frozen parts ====
+    frozen = set()
+    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}  # both networks step together (SPEC 1)
+    extra_modules = {}  # trainable parts that are not networks (heads, discriminators): none here (the heads belong to the branches)
+    constant_lr = set()  # optimizers that do not follow the main schedule: none here
+
+    # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for module in [*networks.values(), *extra_modules.values()]:
+        module.to(device, memory_format=memory_format)
+    train_nets = {name: torch.compile(net) if args.compile else net for name, net in networks.items()}
+    if distributed:
+        train_nets = {name: net if name in frozen else DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+                      for name, net in train_nets.items()}
+    steps_per_epoch = len(data.train)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, args))
+                  for name, opt in optimizers.items() if name not in constant_lr}
+    start_epoch, train_time, last_eval = 0, 0.0, {}
+    if args.resume:
+        for name, net in networks.items():
+            net.load_state_dict(resumed["networks"][name])
+        for name, module in extra_modules.items():
+            module.load_state_dict(resumed["extra"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(resumed["optimizers"][name])
+        for name, sched in schedulers.items():
+            sched.load_state_dict(resumed["schedulers"][name])
+        scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+    writer = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(out_dir)
+        except ImportError:  # tensorboard is optional
+            pass
+        print(f"{METHOD}: {', '.join(f'{n} {sum(p.numel() for p in m.parameters()):,} params' for n, m in networks.items())} "
+              f"| {data.num_classes} classes | {steps_per_epoch} steps/epoch | {device} x{world_size} | {args.amp} | -> {out_dir}"
+              + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
+
+    # ==== the method's training step and evaluation outputs ====
+    def train_step(images, labels, epoch):
+        """One CSS step (eq. 6-7) on a batch: both networks, every branch, one forward each."""
+        with autocast():
+            branch_logits = {name: net(images, return_branches=True) for name, net in train_nets.items()}
+        loss, terms = css_loss(branch_logits["net1"], branch_logits.get("net2"), labels, args.temperature,
+                               joint=not args.no_joint_labels, fixed_weights=args.fixed_weights, detach=not args.no_detach)
+        optimizers["main"].zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizers["main"])
+        scaler.update()
+        return {"loss": loss, **terms}
+
+    def predict(images):
+        outputs, aggregated = {}, []
+        for name, net in networks.items():
+            branch_logits = net(images, return_branches=True)
+            aggregated.append(net.aggregate(branch_logits))
+            outputs[name] = aggregated[-1]
+            outputs.update({f"{name}_branch{j + 1}": net.branch_prediction(logits, j) for j, logits in enumerate(branch_logits)})
+        if len(aggregated) > 1:
+            outputs["ensemble"] = torch.stack(aggregated).mean(0)  # the two-network ensemble averages both P (section 4.1)
+        return outputs
+    # ==== training loop, logging, checkpoints (identical in every method file) ====
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start_epoch, last_epoch):
+        for name, net in networks.items():
+            net.train(name not in frozen)
+        data.train.set_epoch(epoch)
+        loss_sums, first_bad_step, nonfinite = {}, torch.full((), -1, device=device), None
+        epoch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(data.train):
+            images = images.contiguous(memory_format=memory_format)
+            terms = train_step(images, labels, epoch)
+            for scheduler in schedulers.values():
+                scheduler.step()  # per iteration (SPEC 1)
+            values = torch.stack([value.detach().float() for value in terms.values()])
+            for name, value in zip(terms, values):
+                loss_sums[name] = loss_sums.get(name, 0) + value
+            # divergence check without a host sync per step: the device remembers the first bad step
+            step_nonfinite = ~values.isfinite()
+            nonfinite = step_nonfinite if nonfinite is None else nonfinite | step_nonfinite
+            first_bad_step = torch.where(step_nonfinite.any() & (first_bad_step < 0), step, first_bad_step)
+            if (step % 50 == 49 or step == steps_per_epoch - 1) and first_bad_step.item() >= 0:
+                bad_terms = ", ".join(name for name, bad in zip(terms, nonfinite.tolist()) if bad)
+                sys.stderr.write(f"{prog}: error: non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {first_bad_step.item()}; "
+                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact\n")
+                sys.exit(3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        losses = {name: (total / steps_per_epoch) for name, total in loss_sums.items()}
+        if distributed:
+            for value in losses.values():
+                dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        record = {"epoch": epoch + 1, "epochs": args.epochs, "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
+                  "losses": {name: value.item() for name, value in losses.items()},
+                  "images_per_s": steps_per_epoch * args.batch_size / epoch_time,
+                  "eta_s": epoch_time * (args.epochs - epoch - 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            for net in networks.values():
+                net.eval()
+            last_eval = evaluate(predict, data.test, autocast, distributed)
+            record["test"] = last_eval
+        if is_main:
+            print(format_metrics(record), flush=True)
+            with open(out_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if writer:
+                for name, value in record["losses"].items():
+                    writer.add_scalar(f"loss/{name}", value, epoch + 1)
+                for name, metrics in record.get("test", {}).items():
+                    writer.add_scalar(f"test_top1/{name}", metrics["top1"], epoch + 1)
+            save_atomic({"method": METHOD, "epoch": epoch + 1, "args": vars(args), "deployed": DEPLOYED,
+                         "num_classes": data.num_classes, "image_size": data.image_size,
+                         "networks": {name: net.state_dict() for name, net in networks.items()},
+                         "extra": {name: module.state_dict() for name, module in extra_modules.items()},
+                         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
+                         "scaler": scaler.state_dict(), "rng": rng_state(), "train_time_s": train_time,
+                         "last_eval": last_eval}, out_dir / "checkpoint.pt")
+    if is_main and last_epoch == args.epochs:
+        outputs = dict(last_eval)
+        ensemble = outputs.pop("ensemble", None)
+        save_atomic({"method": METHOD, "deployed_network": DEPLOYED, "deployed": last_eval.get(DEPLOYED),
+                     "networks": outputs, "ensemble": ensemble, "epochs": args.epochs, "args": vars(args),
+                     "train_time_s": train_time}, out_dir / "summary.json")
+        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval[DEPLOYED]['top1']:.4f} -> {out_dir / 'summary.json'}")
+    if writer:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
