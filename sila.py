@@ -1,0 +1,439 @@
+"""Siamese Labels Auxiliary Learning (SiLa), paper 001.
+
+C networks (two by default) are trained through one softmax over their concatenated logits, the
+"siamese labels": each network's block of N logits is scored with the true class shifted into that
+block, so every cross-entropy term also pushes on the other networks' logits. At test time the
+coupling is removed and each network predicts with its own N logits (net1 is deployed).
+
+    z_bar = concat(z_1, ..., z_C)                    (C*N logits)                      (eq. 9)
+    L_c = CE(z_bar, y + (c-1)*N)                                                       (eq. 8)
+    L_sila = sum_c beta_c * L_c                      (beta_c = 1, `--betas`)           (eq. 10)
+
+This equals sum(beta) times one soft-label cross-entropy over the C*N classes with mass
+beta_c / sum(beta) on class y of block c. There is no per-network CE unless `--plus-ce`.
+`--dml` adds Deep Mutual Learning's KL(p_peer || p_self) per network (peers detached, T = 1,
+summed over classes, averaged over the batch): SiLa+DML, Table 1's best rows. `--no-sila` trains
+each network on its own CE (the independent baseline, IND). Dynamic SiLa (section 3.3, eq. 11):
+with `--model msdnet*` ONE MSDNet is trained and its C exits are concatenated instead; each exit
+is reported ("exit1".."exitC"), net1 = the whole network = its last exit is deployed, and
+`--no-sila` gives MSDNet's own training, the sum of the exits' CEs.
+
+Reproduce Table 1's ResNet-18 / CIFAR-100 rows (section 4.1: 260 epochs, batch 128, lr 0.1,
+MultiStep at the milestones below; the paper states no factor, so PyTorch's default 0.1 is assumed
+(the lr is then 1e-4 from epoch 80 on) and no weight decay, so SPEC's 5e-4 is used). Paper, final
+top-1 of net1 (net2), averaged over several runs: IND 76.45%, SiLa 77.85%, SiLa+DML 78.13% (78.03%),
+DML alone 77.07% (77.46%):
+    python sila.py --model resnet18 --dataset cifar100 --epochs 260 --batch-size 128 \\
+        --schedule multistep --milestones 30 55 80 105 135 160 180 200 220 240 --gamma 0.1
+    ... --no-sila                      # IND (net1 and net2 are two independent runs)
+    ... --dml                          # SiLa+DML
+    ... --no-sila --dml                # DML alone
+A mixed pair (Table 1: MobileNet 69.17% + ResNet-18 77.20% with SiLa): --models mobilenet,resnet18
+Dynamic SiLa on MSDNet / CIFAR-100 (section 4.2: 300 epochs, batch 64, lr 0.1, /10 at 150 and
+"255", read as MSDNet's 225; weight decay 1e-4 as MSDNet's code; results only as curves, Fig. 4-5):
+    python sila.py --model msdnet7 --dataset cifar100 --epochs 300 --batch-size 64 \\
+        --weight-decay 1e-4 --schedule multistep --milestones 150 225
+    ... --no-sila                      # the MSDNet baseline
+Budgeted batch (Fig. 4): --model msdnet5_lingrow --subset 45000, then `analysis.py msdnet RUN`.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from data import DATASETS, build_data
+from models import MODEL_NAMES, build_model
+
+METHOD = "sila"
+
+
+# ==== arguments: the common block is identical in every method file ====
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of the whole usage block
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common = parser.add_argument_group("common (identical in every method file)")
+    common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
+    common.add_argument("--dataset", default="cifar100", help=f"{', '.join(DATASETS)}, folder:PATH or PATH.npz")
+    common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
+    common.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images")
+    common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
+    common.add_argument("--seed", type=int, default=0, help="random seed (offset by the rank under torchrun)")
+    common.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
+    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast precision; fp16 uses a GradScaler (CUDA only)")
+    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on tensor cores)")
+    common.add_argument("--compile", action="store_true", help="torch.compile every network")
+    common.add_argument("--epochs", type=int, default=200, help="training epochs")
+    common.add_argument("--batch-size", type=int, default=256, help="global batch size (split across ranks)")
+    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
+    common.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    common.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    common.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
+    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--warmup-epochs", type=float, default=0, help="linear learning-rate warm-up")
+    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"], help="cosine to 0 per step, or steps at --milestones")
+    common.add_argument("--milestones", type=int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
+    common.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
+    common.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always after the last)")
+    common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
+    common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
+    common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
+    method = parser.add_argument_group("SiLa (paper 001)")
+    method.add_argument("--models", default=None, help="comma-separated architectures, one per network (a mixed group, e.g. mobilenet,resnet18); default: two of --model")
+    method.add_argument("--betas", type=float, nargs="+", default=None, help="weight beta_c of each network's (or MSDNet exit's) term, eq. 10-11; default: all 1")
+    method.add_argument("--plus-ce", action="store_true", help="add each network's own cross-entropy on its N logits to the SiLa loss")
+    method.add_argument("--dml", action="store_true", help="SiLa+DML: add KL(p_peer || p_self) per network, peers detached, T = 1 (Table 1)")
+    method.add_argument("--no-sila", action="store_true", help="each network (MSDNet: each exit) on its own CE: the independent / MSDNet baseline")
+    args = parser.parse_args(argv)
+    args.models = args.models.split(",") if isinstance(args.models, str) else args.models
+    if args.models is not None and len(args.models) < 2:
+        parser.error("SiLa needs at least 2 networks: --models a,b (or --model msdnet* for one network's exits)")
+    if args.models is not None and any(name.startswith("msdnet") for name in [args.model, *args.models]):
+        parser.error("an MSDNet is trained alone (dynamic SiLa concatenates its exits): give --model msdnet* without --models")
+    architectures = args.models or [args.model] * 2
+    if args.betas is not None and not is_dynamic(args) and len(args.betas) != len(architectures):  # MSDNet exits: checked once built
+        parser.error(f"--betas has {len(args.betas)} values but there are {len(architectures)} networks ({', '.join(architectures)})")
+    if args.betas is not None and (min(args.betas) < 0 or sum(args.betas) <= 0):
+        parser.error(f"--betas must be >= 0 and not all 0, got {args.betas}")
+    if args.no_sila and args.plus_ce:
+        parser.error("--plus-ce adds the per-network CE to SiLa; with --no-sila that CE is already the whole loss")
+    return args
+
+
+# ==== the method ====
+def sila_loss(logits_list, targets, betas):
+    """Eq. 8-10 (eq. 11 for a network's exits): sum_c beta_c * CE(z_bar, y + (c-1)*N), where
+    z_bar = concat(z_1, ..., z_C) are the siamese labels (eq. 9). A scalar, in fp32.
+
+    One log-softmax over the C*N logits serves every term: term c reads its log-probability at
+    class y of block c. Gradient w.r.t. z_bar: (sum(beta) * softmax(z_bar) - sum_c beta_c
+    onehot(y + (c-1)*N)) / B, so each term reaches every network's logits.
+    """
+    if len(betas) != len(logits_list):
+        raise ValueError(f"{len(betas)} betas for {len(logits_list)} logit tensors")
+    num_classes = logits_list[0].shape[1]
+    log_probs = F.log_softmax(torch.cat([logits.float() for logits in logits_list], dim=1), dim=1)
+    return sum(beta * F.nll_loss(log_probs, targets + c * num_classes) for c, beta in enumerate(betas))
+
+
+def mutual_kl(logits_list):
+    """DML's term for each network k (Zhang et al. 2018, added in SiLa+DML, Table 1):
+    1/(C-1) * sum_{l != k} KL(p_l || p_k), summed over classes, averaged over the batch, T = 1.
+    Peers are detached, so term k trains only network k. Returns a list of C scalars, in fp32."""
+    log_probs = [F.log_softmax(logits.float(), dim=1) for logits in logits_list]
+    kls = []
+    for k, own in enumerate(log_probs):
+        peers = [peer.detach() for l, peer in enumerate(log_probs) if l != k]
+        kls.append(sum(F.kl_div(own, peer, reduction="batchmean", log_target=True) for peer in peers) / len(peers))
+    return kls
+
+
+def training_loss(logits_list, targets, betas, sila=True, plus_ce=False, dml=False):
+    """The loss of one step: L_sila (eq. 10/11) or, with sila=False, sum_c beta_c * CE(z_c, y) (the
+    independent / MSDNet baseline); plus that per-network CE when plus_ce; plus sum_k KL_k when dml.
+    Returns (loss, sila_term or None, per-network CEs, per-network KLs or [])."""
+    cross_entropies = [F.cross_entropy(logits.float(), targets) for logits in logits_list]
+    own_ce = sum(beta * ce for beta, ce in zip(betas, cross_entropies))  # choice: betas weigh the baseline's terms too
+    sila_term = sila_loss(logits_list, targets, betas) if sila else None
+    loss = sila_term + own_ce if sila and plus_ce else sila_term if sila else own_ce
+    kls = mutual_kl(logits_list) if dml else []
+    return loss + sum(kls), sila_term, cross_entropies, kls
+
+
+def is_dynamic(args):
+    """Dynamic SiLa (section 3.3): one MSDNet whose exits are concatenated."""
+    return args.models is None and args.model.startswith("msdnet")
+
+
+def build_networks(args, num_classes, image_size):
+    """The networks this method trains and evaluates, by name (analysis.py rebuilds runs with it).
+    Dynamic SiLa: the one MSDNet is net1 (its forward gives the list of its exits' logits)."""
+    if is_dynamic(args):
+        return {"net1": build_model(args.model, num_classes, image_size)}
+    architectures = args.models or [args.model] * 2
+    return {f"net{k + 1}": build_model(name, num_classes, image_size) for k, name in enumerate(architectures)}
+
+
+DEPLOYED = "net1"  # each network predicts alone at test time (section 3.2); MSDNet: the whole network, its last exit
+
+
+# ==== scaffolding helpers: identical in every method file ====
+def lr_factor(step, steps_per_epoch, args):
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine to 0 at the
+    last step (SPEC 1), or x gamma at each milestone epoch."""
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if args.schedule == "multistep":
+        return args.gamma ** sum(step >= m * steps_per_epoch for m in args.milestones)
+    progress = (step - warmup_steps) / max(1, args.epochs * steps_per_epoch - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params, args, lr=None):
+    lr = args.lr if lr is None else lr
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
+
+
+@torch.no_grad()
+def evaluate(predict, loader, autocast, distributed):
+    """Top-1, top-5 and NLL of every output of `predict` (name -> logits) over the test set."""
+    sums = {}
+    for images, labels in loader:
+        with autocast():
+            outputs = predict(images)
+        for name, logits in outputs.items():
+            logits = logits.float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            batch = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
+                                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=labels.device)]).double()
+            sums[name] = sums[name] + batch if name in sums else batch
+    results = {}
+    for name, total in sums.items():
+        if distributed:
+            dist.all_reduce(total)
+        top1, top5, nll, count = total.tolist()
+        results[name] = {"top1": top1 / count, "top5": top5 / count, "nll": nll / count}
+    return results
+
+
+def find_checkpoint(path):
+    path = Path(path)
+    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        sys.exit(f"{Path(sys.argv[0]).name}: error: no checkpoint at {checkpoint} (give a run folder or a checkpoint.pt)")
+    return checkpoint
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file and rename, so a kill mid-write never leaves a broken file."""
+    tmp = Path(str(path) + ".tmp")
+    if isinstance(obj, dict) and path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=2))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def format_metrics(record):
+    losses = " ".join(f"{k} {v:.4f}" for k, v in record["losses"].items())
+    accuracy = " ".join(f"{k} {v['top1']:.4f}" for k, v in record.get("test", {}).items()) or "-"
+    eta = time.strftime("%H:%M:%S", time.gmtime(record["eta_s"]))
+    return (f"epoch {record['epoch']}/{record['epochs']} | lr {record['lr']:.4g} | {losses} | "
+            f"top1 {accuracy} | {record['images_per_s']:.0f} img/s | eta {eta}")
+
+
+def main(args):
+    prog = Path(sys.argv[0]).name
+    # ==== setup: distributed, device, seed, precision (identical in every method file) ====
+    if args.resume:  # continue with the run's own arguments; only these may change
+        checkpoint_path = find_checkpoint(args.resume)
+        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        overrides = {k: getattr(args, k) for k in ("resume", "stop_after", "device", "data_dir", "compile")}
+        args = argparse.Namespace(**{**resumed["args"], **overrides, "out_dir": str(checkpoint_path.parent)})
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if distributed and args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    if args.amp == "fp16" and device.type != "cuda":
+        sys.exit(f"{prog}: error: --amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    try:
+        data = build_data(args.dataset, args.data_dir, args.batch_size // world_size, device, subset=args.subset,
+                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        networks = build_networks(args, data.num_classes, data.image_size)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{prog}: error: {error}")
+    run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(args.out_dir or Path("runs") / run_name)
+    args.out_dir = str(out_dir)
+
+    # ==== the method's networks, optimizers and frozen parts ====
+    frozen = set()
+    dynamic = is_dynamic(args)
+    # the C members whose logits are concatenated: the networks, or the MSDNet's exits (one per block)
+    members = [f"exit{k + 1}" for k in range(len(networks["net1"].stages))] if dynamic else list(networks)
+    betas = args.betas or [1.0] * len(members)
+    if len(betas) != len(members):  # the networks' count was checked in parse_args; the exits' needs the MSDNet
+        sys.exit(f"{prog}: error: --betas has {len(betas)} values but there are {len(members)} exits in {args.model}")
+    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}  # eq. 6-7: one loss, one step
+    extra_modules = {}  # trainable parts that are not networks: none (the SiLa module is a concatenation)
+    constant_lr = set()  # optimizers that do not follow the main schedule: none here
+
+    # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for module in [*networks.values(), *extra_modules.values()]:
+        module.to(device, memory_format=memory_format)
+    train_nets = {name: torch.compile(net) if args.compile else net for name, net in networks.items()}
+    if distributed:
+        train_nets = {name: net if name in frozen else DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+                      for name, net in train_nets.items()}
+    steps_per_epoch = len(data.train)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, args))
+                  for name, opt in optimizers.items() if name not in constant_lr}
+    start_epoch, train_time, last_eval = 0, 0.0, {}
+    if args.resume:
+        for name, net in networks.items():
+            net.load_state_dict(resumed["networks"][name])
+        for name, module in extra_modules.items():
+            module.load_state_dict(resumed["extra"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(resumed["optimizers"][name])
+        for name, sched in schedulers.items():
+            sched.load_state_dict(resumed["schedulers"][name])
+        scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+    writer = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(out_dir)
+        except ImportError:  # tensorboard is optional
+            pass
+        print(f"{METHOD}: {', '.join(f'{n} {sum(p.numel() for p in m.parameters()):,} params' for n, m in networks.items())} "
+              f"| {data.num_classes} classes | {steps_per_epoch} steps/epoch | {device} x{world_size} | {args.amp} | -> {out_dir}"
+              + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
+
+    # ==== the method's training step and evaluation outputs ====
+    def train_step(images, labels, epoch):
+        """One SiLa step (Algorithm 1) on a batch; returns the loss terms as tensors (logged per epoch)."""
+        with autocast():
+            outputs = [train_nets[name](images) for name in networks]
+        logits = outputs[0] if dynamic else outputs  # the C logit tensors of eq. 9 / eq. 11
+        loss, sila_term, cross_entropies, kls = training_loss(logits, labels, betas, not args.no_sila, args.plus_ce, args.dml)
+        optimizers["main"].zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizers["main"])
+        scaler.update()
+        terms = {"loss": loss, **({"sila": sila_term} if sila_term is not None else {})}
+        terms.update({f"ce_{name}": ce for name, ce in zip(members, cross_entropies)})
+        terms.update({f"kl_{name}": kl for name, kl in zip(members, kls)})
+        return terms
+
+    def predict(images):  # test time: no coupling, each network (exit) on its own N logits
+        if dynamic:
+            exits = networks["net1"](images)
+            return {**dict(zip(members, exits)), "net1": exits[-1]}
+        logits = {name: net(images) for name, net in networks.items()}
+        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+
+    # ==== training loop, logging, checkpoints (identical in every method file) ====
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start_epoch, last_epoch):
+        for name, net in networks.items():
+            net.train(name not in frozen)
+        data.train.set_epoch(epoch)
+        loss_sums, first_bad_step, nonfinite = {}, torch.full((), -1, device=device), None
+        epoch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(data.train):
+            images = images.contiguous(memory_format=memory_format)
+            terms = train_step(images, labels, epoch)
+            for scheduler in schedulers.values():
+                scheduler.step()  # per iteration (SPEC 1)
+            values = torch.stack([value.detach().float() for value in terms.values()])
+            for name, value in zip(terms, values):
+                loss_sums[name] = loss_sums.get(name, 0) + value
+            # divergence check without a host sync per step: the device remembers the first bad step
+            step_nonfinite = ~values.isfinite()
+            nonfinite = step_nonfinite if nonfinite is None else nonfinite | step_nonfinite
+            first_bad_step = torch.where(step_nonfinite.any() & (first_bad_step < 0), step, first_bad_step)
+            if (step % 50 == 49 or step == steps_per_epoch - 1) and first_bad_step.item() >= 0:
+                bad_terms = ", ".join(name for name, bad in zip(terms, nonfinite.tolist()) if bad)
+                sys.stderr.write(f"{prog}: error: non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {first_bad_step.item()}; "
+                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact\n")
+                sys.exit(3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        losses = {name: (total / steps_per_epoch) for name, total in loss_sums.items()}
+        if distributed:
+            for value in losses.values():
+                dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        record = {"epoch": epoch + 1, "epochs": args.epochs, "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
+                  "losses": {name: value.item() for name, value in losses.items()},
+                  "images_per_s": steps_per_epoch * args.batch_size / epoch_time,
+                  "eta_s": epoch_time * (args.epochs - epoch - 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            for net in networks.values():
+                net.eval()
+            last_eval = evaluate(predict, data.test, autocast, distributed)
+            record["test"] = last_eval
+        if is_main:
+            print(format_metrics(record), flush=True)
+            with open(out_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if writer:
+                for name, value in record["losses"].items():
+                    writer.add_scalar(f"loss/{name}", value, epoch + 1)
+                for name, metrics in record.get("test", {}).items():
+                    writer.add_scalar(f"test_top1/{name}", metrics["top1"], epoch + 1)
+            save_atomic({"method": METHOD, "epoch": epoch + 1, "args": vars(args), "deployed": DEPLOYED,
+                         "num_classes": data.num_classes, "image_size": data.image_size,
+                         "networks": {name: net.state_dict() for name, net in networks.items()},
+                         "extra": {name: module.state_dict() for name, module in extra_modules.items()},
+                         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
+                         "scaler": scaler.state_dict(), "rng": rng_state(), "train_time_s": train_time,
+                         "last_eval": last_eval}, out_dir / "checkpoint.pt")
+    if is_main and last_epoch == args.epochs:
+        outputs = dict(last_eval)
+        ensemble = outputs.pop("ensemble", None)
+        save_atomic({"method": METHOD, "deployed_network": DEPLOYED, "deployed": last_eval.get(DEPLOYED),
+                     "networks": outputs, "ensemble": ensemble, "epochs": args.epochs, "args": vars(args),
+                     "train_time_s": train_time}, out_dir / "summary.json")
+        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval[DEPLOYED]['top1']:.4f} -> {out_dir / 'summary.json'}")
+    if writer:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
