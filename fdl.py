@@ -1,0 +1,501 @@
+"""Feature Difference Loss ensembles (FDL), paper 002 (a poster; details from the authors' code).
+
+N identical networks, independently initialised, are trained side by side while a feature
+difference loss pushes the outputs of their convolutions apart, so the pool learns N different
+feature sets instead of one; a learned ensemble head combines their logits at inference.
+
+After `--pretrain-epochs` of plain cross-entropy, every batch runs four sub-steps in the
+authors' order, each with a fresh forward and its own optimizer:
+  1. CE(y_hat_i, y) for every network i                    (optimizer "main", the cosine schedule)
+  2. S^{i,j} = (L_i - L_j)^2, the squared difference of two networks' batch-mean CEs, into both;
+     a random pair when N > 2 (optimizer "similarity": the main settings, own momentum)
+  3. -L_FDL = -(1/D) sum_d (1/BCHW) sum_{b,c,h,w} (F_d^i - F_d^j)^2 on the output of every Conv2d
+     (before its BN), averaged over all pairs (optimizer "fdl": constant --fdl-lr, momentum 0.85,
+     Nesterov)
+  4. CE(head(concat(z_1, ..., z_N)), y): the ensemble head Linear(N*C -> C) on the bases' logits,
+     the bases frozen (eval mode, no gradient) (optimizer "head": constant --head-lr)
+The poster's equations carry no numbers: L_i^{N1,N2} and L_FDL^{N1,N2} ("Feature Difference
+Losses") and S^{N1,N2} ("Similarity loss"); its joint criterion -L_FDL + k S + k1 L_X + k2 L_X is
+split into these phases ("Phased training") so that no weight k is needed. -L_FDL is unbounded
+below (scaling a conv raises the difference), hence the tiny constant lr; "fdl" is logged every
+epoch, with "feature_diff" (the mean squared feature difference measured on the CE forward, also
+with --no-fdl: the poster's plot (c)). The deployed output is the head; each base and the logit
+average ("ensemble") are reported too. `--no-fdl`, `--no-similarity` are the ablations; both
+together train independent networks plus the head. Not reproduced: the authors' exponential lr
+decay (0.1 * exp(-0.03 * epoch), 2e-5 after epoch 220); the cosine schedule is used, as everywhere.
+
+Reproduce the VGG-16 (2x) CIFAR-100 row of the poster's table (FDL 77.02%; VGG-16 alone 74.61%,
+two independent VGG-16s (RIE) 76.95%; the authors report the best epoch of an open-ended run, we
+report the final epoch; batch 128 and Nesterov as in their code):
+    python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250
+    python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250 \\
+        --no-fdl --no-similarity                                     # independent networks + head
+CIFAR-10 (94.93%): add --dataset cifar10 --fdl-lr 1e-4; ResNets: --head-lr 0.01.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from data import DATASETS, build_data
+from models import MODEL_NAMES, build_model
+
+METHOD = "fdl"
+
+
+# ==== arguments: the common block is identical in every method file ====
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of the whole usage block
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common = parser.add_argument_group("common (identical in every method file)")
+    common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
+    common.add_argument("--dataset", default="cifar100", help=f"{', '.join(DATASETS)}, folder:PATH or PATH.npz")
+    common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
+    common.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images")
+    common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
+    common.add_argument("--seed", type=int, default=0, help="random seed (offset by the rank under torchrun)")
+    common.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
+    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast precision; fp16 uses a GradScaler (CUDA only)")
+    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on tensor cores)")
+    common.add_argument("--compile", action="store_true", help="torch.compile every network")
+    common.add_argument("--epochs", type=int, default=200, help="training epochs")
+    common.add_argument("--batch-size", type=int, default=256, help="global batch size (split across ranks)")
+    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
+    common.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    common.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    common.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
+    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--warmup-epochs", type=float, default=0, help="linear learning-rate warm-up")
+    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"], help="cosine to 0 per step, or steps at --milestones")
+    common.add_argument("--milestones", type=int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
+    common.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
+    common.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always after the last)")
+    common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
+    common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
+    common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
+    method = parser.add_argument_group("FDL (paper 002, authors' code)")
+    method.add_argument("--num-nets", type=int, default=2, help="number N of identical networks in the pool (2 to 4)")
+    method.add_argument("--pretrain-epochs", type=int, default=1, help="epochs of plain CE per network before the four sub-steps start")
+    method.add_argument("--fdl-lr", type=float, default=1e-5, help="constant lr of the feature difference step (authors: 1e-5 on CIFAR-100, use 1e-4 on CIFAR-10)")
+    method.add_argument("--head-lr", type=float, default=0.1, help="constant lr of the ensemble head (authors: 0.1 for VGG, 0.01 for ResNets)")
+    method.add_argument("--no-fdl", action="store_true", help="skip the feature difference step (ablation)")
+    method.add_argument("--no-similarity", action="store_true", help="skip the similarity step (ablation)")
+    args = parser.parse_args(argv)
+    if not 2 <= args.num_nets <= 4:
+        parser.error(f"--num-nets must be 2, 3 or 4 (the poster's 2x-4x ensembles), got {args.num_nets}")
+    if not 0 <= args.pretrain_epochs < args.epochs:
+        parser.error(f"--pretrain-epochs must be >= 0 and below --epochs ({args.epochs}) so the head gets trained, got {args.pretrain_epochs}")
+    if args.fdl_lr <= 0 or args.head_lr <= 0:
+        parser.error(f"--fdl-lr and --head-lr must be > 0, got {args.fdl_lr} and {args.head_lr}")
+    if args.model.startswith("msdnet"):
+        parser.error(f"FDL needs single-exit networks; --model {args.model} has one output per exit")
+    return args
+
+
+# ==== the method ====
+def feature_difference_loss(features_a, features_b):
+    """-L_FDL^{a,b} (poster, "Feature Difference Losses"): minus the mean over the D recorded layers of
+    the mean squared difference (1/BCHW) sum (F_d^a - F_d^b)^2. Computed in fp32, summed layer by
+    layer (no stacked copy of the features)."""
+    total = 0.0
+    for feature_a, feature_b in zip(features_a, features_b, strict=True):
+        total = total + F.mse_loss(feature_a.float(), feature_b.float())
+    return -total / len(features_a)
+
+
+def all_pairs_feature_difference_loss(features):
+    """Sub-step 3: feature_difference_loss averaged over every pair of networks (authors' code for
+    N = 3: (L^{1,2} + L^{2,3} + L^{3,1}) / 3). `features`: one list of layer outputs per network."""
+    pairs = [(i, j) for i in range(len(features)) for j in range(i + 1, len(features))]
+    return sum(feature_difference_loss(features[i], features[j]) for i, j in pairs) / len(pairs)
+
+
+def similarity_loss(ce_a, ce_b):
+    """S^{a,b} = (L_a - L_b)^2 (poster, "Similarity loss"): the squared difference of two networks'
+    batch-mean cross-entropies; nothing is detached, so it reaches both (authors' MSELoss(L_1, L_2))."""
+    return (ce_a - ce_b) ** 2
+
+
+class ConvOutputRecorder:
+    """Forward hooks on every Conv2d of a network: while `record` runs, each conv's output (before
+    its BatchNorm: the features of the authors' VGG code) is collected, in execution order. The
+    hooks stay registered (no re-registration per step) and do nothing in any other forward."""
+
+    def __init__(self, network):
+        self.outputs = None  # a list only while recording
+        overwritten = set()  # a conv whose next layer works in place (ConvNet's ReLU(inplace=True)) would change the recorded tensor
+        for module in network.modules():
+            layers = list(module.children()) if isinstance(module, torch.nn.Sequential) else []
+            overwritten.update(layer for layer, following in zip(layers, layers[1:])
+                               if isinstance(layer, torch.nn.Conv2d) and getattr(following, "inplace", False))
+        for module in network.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(self._record_copy if module in overwritten else self._record)
+
+    def _record(self, module, inputs, output):
+        if self.outputs is not None:
+            self.outputs.append(output)  # the tensor autograd keeps for the BN backward anyway: no extra memory
+
+    def _record_copy(self, module, inputs, output):
+        if self.outputs is not None:
+            self.outputs.append(output.clone())
+
+    def record(self, network, images):
+        """`network(images)` (the raw network or its DDP/compiled wrapper) -> (logits, [every Conv2d output])."""
+        self.outputs = []
+        try:
+            return network(images), self.outputs
+        finally:
+            self.outputs = None
+
+
+def frozen_base_logits(bases, images):
+    """Sub-step 4's input: the bases' logits concatenated [B, N*C], each base in eval mode and without
+    gradient (authors' EnsembleNet), so the head step changes no base; the bases' modes are restored."""
+    modes = [base.training for base in bases]
+    with torch.no_grad():
+        for base in bases:
+            base.eval()
+        logits = torch.cat([base(images) for base in bases], dim=1)
+    for base, mode in zip(bases, modes):
+        base.train(mode)
+    return logits
+
+
+def build_networks(args, num_classes, image_size):
+    """The networks this method trains and evaluates, by name (analysis.py rebuilds runs with it)."""
+    return {f"base{k + 1}": build_model(args.model, num_classes, image_size) for k in range(args.num_nets)}
+
+
+DEPLOYED = "head"  # the ensemble head over the bases' logits ("FDL Ensemble architecture")
+
+
+# ==== scaffolding helpers: identical in every method file ====
+def lr_factor(step, steps_per_epoch, args):
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine to 0 at the
+    last step (SPEC 1), or x gamma at each milestone epoch."""
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if args.schedule == "multistep":
+        return args.gamma ** sum(step >= m * steps_per_epoch for m in args.milestones)
+    progress = (step - warmup_steps) / max(1, args.epochs * steps_per_epoch - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params, args, lr=None):
+    lr = args.lr if lr is None else lr
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
+
+
+@torch.no_grad()
+def evaluate(predict, loader, autocast, distributed):
+    """Top-1, top-5 and NLL of every output of `predict` (name -> logits) over the test set."""
+    sums = {}
+    for images, labels in loader:
+        with autocast():
+            outputs = predict(images)
+        for name, logits in outputs.items():
+            logits = logits.float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            batch = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
+                                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=labels.device)]).double()
+            sums[name] = sums[name] + batch if name in sums else batch
+    results = {}
+    for name, total in sums.items():
+        if distributed:
+            dist.all_reduce(total)
+        top1, top5, nll, count = total.tolist()
+        results[name] = {"top1": top1 / count, "top5": top5 / count, "nll": nll / count}
+    return results
+
+
+def find_checkpoint(path):
+    path = Path(path)
+    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        sys.exit(f"{Path(sys.argv[0]).name}: error: no checkpoint at {checkpoint} (give a run folder or a checkpoint.pt)")
+    return checkpoint
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file and rename, so a kill mid-write never leaves a broken file."""
+    tmp = Path(str(path) + ".tmp")
+    if isinstance(obj, dict) and path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=2))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def format_metrics(record):
+    losses = " ".join(f"{k} {v:.4f}" for k, v in record["losses"].items())
+    accuracy = " ".join(f"{k} {v['top1']:.4f}" for k, v in record.get("test", {}).items()) or "-"
+    eta = time.strftime("%H:%M:%S", time.gmtime(record["eta_s"]))
+    return (f"epoch {record['epoch']}/{record['epochs']} | lr {record['lr']:.4g} | {losses} | "
+            f"top1 {accuracy} | {record['images_per_s']:.0f} img/s | eta {eta}")
+
+
+def main(args):
+    prog = Path(sys.argv[0]).name
+    # ==== setup: distributed, device, seed, precision (identical in every method file) ====
+    if args.resume:  # continue with the run's own arguments; only these may change
+        checkpoint_path = find_checkpoint(args.resume)
+        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        overrides = {k: getattr(args, k) for k in ("resume", "stop_after", "device", "data_dir", "compile")}
+        args = argparse.Namespace(**{**resumed["args"], **overrides, "out_dir": str(checkpoint_path.parent)})
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if distributed and args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    if args.amp == "fp16" and device.type != "cuda":
+        sys.exit(f"{prog}: error: --amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    try:
+        data = build_data(args.dataset, args.data_dir, args.batch_size // world_size, device, subset=args.subset,
+                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        networks = build_networks(args, data.num_classes, data.image_size)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{prog}: error: {error}")
+    run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(args.out_dir or Path("runs") / run_name)
+    args.out_dir = str(out_dir)
+
+    # ==== the method's networks, optimizers and frozen parts ====
+    frozen = set()
+    names = list(networks)
+    recorders = {name: ConvOutputRecorder(net) for name, net in networks.items()}
+    head = torch.nn.Linear(len(names) * data.num_classes, data.num_classes).to(device)  # the authors' Conv1d(N*C, C, 1)
+    # the head is not an image network, so the scaffolding does not wrap it: DDP here all-reduces its gradients
+    train_head = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None) if distributed else head
+    bases = [p for net in networks.values() for p in net.parameters()]
+    # choice: one "main" optimizer for the CE sub-step of all bases; SGD (and AdamW) act per parameter and each
+    # CE reaches only its own network, so it steps exactly like the authors' one SGD per network
+    optimizers = {"main": make_optimizer(bases, args),
+                  "similarity": make_optimizer(bases, args),  # authors: its own SGD, same settings and lr as the CE ones
+                  "fdl": torch.optim.SGD(bases, lr=args.fdl_lr, momentum=0.85, nesterov=True, weight_decay=args.weight_decay),
+                  # choice: the head follows the common SGD flags (authors: momentum 0.9, Nesterov, wd 5e-4)
+                  "head": torch.optim.SGD(head.parameters(), lr=args.head_lr, momentum=args.momentum,
+                                          weight_decay=args.weight_decay, nesterov=args.nesterov)}
+    extra_modules = {"head": head}
+    # authors: the fdl and head lrs are not scheduled; "similarity" copies the main lr when it steps (below), so no
+    # scheduler steps it during the pretrain epochs, before its first optimizer step
+    constant_lr = {"similarity", "fdl", "head"}
+    pair_generator = torch.Generator()  # the similarity pair: seeded by (seed, step), the same on every rank and on resume
+
+    # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for module in [*networks.values(), *extra_modules.values()]:
+        module.to(device, memory_format=memory_format)
+    train_nets = {name: torch.compile(net) if args.compile else net for name, net in networks.items()}
+    if distributed:
+        train_nets = {name: net if name in frozen else DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+                      for name, net in train_nets.items()}
+    steps_per_epoch = len(data.train)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, args))
+                  for name, opt in optimizers.items() if name not in constant_lr}
+    start_epoch, train_time, last_eval = 0, 0.0, {}
+    if args.resume:
+        for name, net in networks.items():
+            net.load_state_dict(resumed["networks"][name])
+        for name, module in extra_modules.items():
+            module.load_state_dict(resumed["extra"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(resumed["optimizers"][name])
+        for name, sched in schedulers.items():
+            sched.load_state_dict(resumed["schedulers"][name])
+        scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+    writer = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(out_dir)
+        except ImportError:  # tensorboard is optional
+            pass
+        print(f"{METHOD}: {', '.join(f'{n} {sum(p.numel() for p in m.parameters()):,} params' for n, m in networks.items())} "
+              f"| {data.num_classes} classes | {steps_per_epoch} steps/epoch | {device} x{world_size} | {args.amp} | -> {out_dir}"
+              + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
+
+    # ==== the method's training step and evaluation outputs ====
+    def optimizer_step(name, loss):
+        optimizers[name].zero_grad(set_to_none=True)  # "main", "similarity" and "fdl" each clear every base's gradients
+        scaler.scale(loss).backward()
+        scaler.step(optimizers[name])
+        scaler.update()
+
+    def similarity_pair():
+        if len(names) == 2:
+            return names
+        pair_generator.manual_seed((args.seed << 32) + schedulers["main"].last_epoch)  # last_epoch: optimizer steps so far
+        return [names[k] for k in sorted(torch.randperm(len(names), generator=pair_generator)[:2].tolist())]
+
+    def train_step(images, labels, epoch):
+        """One FDL batch: the CE sub-step, then (after the pretrain epochs) the similarity, feature
+        difference and ensemble head sub-steps, each with a fresh forward. Returns the terms as tensors."""
+        joint = epoch >= args.pretrain_epochs
+        not_run = torch.zeros((), device=device)
+        # 1. CE for every network; the conv outputs of this forward measure the feature difference (poster's plot (c))
+        with autocast():
+            outputs = [recorders[name].record(train_nets[name], images) for name in names]
+        ces = {name: F.cross_entropy(logits.float(), labels) for name, (logits, _) in zip(names, outputs)}
+        with torch.no_grad():
+            feature_diff = -all_pairs_feature_difference_loss([features for _, features in outputs])
+        del outputs  # the recorded features are not kept past the backward
+        optimizer_step("main", sum(ces.values()))
+        # 2. similarity of a pair's CEs, on a fresh forward (measured from step 1's CEs when it does not run)
+        pair = similarity_pair()
+        if joint and not args.no_similarity:
+            with autocast():
+                pair_logits = [train_nets[name](images) for name in pair]
+            similarity = similarity_loss(*(F.cross_entropy(logits.float(), labels) for logits in pair_logits))
+            optimizers["similarity"].param_groups[0]["lr"] = optimizers["main"].param_groups[0]["lr"]  # the main schedule
+            optimizer_step("similarity", similarity)
+        else:
+            similarity = similarity_loss(ces[pair[0]], ces[pair[1]]).detach()
+        # 3. feature difference over all pairs (minimised: it pushes the features apart)
+        fdl = not_run
+        if joint and not args.no_fdl:
+            with autocast():
+                outputs = [recorders[name].record(train_nets[name], images) for name in names]
+            fdl = all_pairs_feature_difference_loss([features for _, features in outputs])
+            # a zero term puts the layers after the last conv in the graph: DDP expects every parameter to
+            # get a gradient, and they then take the FDL optimizer's weight decay as in the authors' code
+            unused = sum(logits.float().sum() for logits, _ in outputs) * 0.0
+            optimizer_step("fdl", fdl + unused)
+            del outputs
+        # 4. the ensemble head on the frozen bases' logits
+        head_ce = not_run
+        if joint:
+            with autocast():
+                head_ce = F.cross_entropy(train_head(frozen_base_logits(list(networks.values()), images)).float(), labels)
+            optimizer_step("head", head_ce)
+        per_network = {f"ce_{name}": ce for name, ce in ces.items()}
+        return {**per_network, "similarity": similarity, "fdl": fdl, "feature_diff": feature_diff, "head_ce": head_ce}
+
+    def predict(images):
+        logits = {name: net(images) for name, net in networks.items()}
+        return {"head": head(torch.cat(list(logits.values()), dim=1)), **logits,
+                "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+
+    # ==== training loop, logging, checkpoints (identical in every method file) ====
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start_epoch, last_epoch):
+        for name, net in networks.items():
+            net.train(name not in frozen)
+        data.train.set_epoch(epoch)
+        loss_sums, first_bad_step, nonfinite = {}, torch.full((), -1, device=device), None
+        epoch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(data.train):
+            images = images.contiguous(memory_format=memory_format)
+            terms = train_step(images, labels, epoch)
+            for scheduler in schedulers.values():
+                scheduler.step()  # per iteration (SPEC 1)
+            values = torch.stack([value.detach().float() for value in terms.values()])
+            for name, value in zip(terms, values):
+                loss_sums[name] = loss_sums.get(name, 0) + value
+            # divergence check without a host sync per step: the device remembers the first bad step
+            step_nonfinite = ~values.isfinite()
+            nonfinite = step_nonfinite if nonfinite is None else nonfinite | step_nonfinite
+            first_bad_step = torch.where(step_nonfinite.any() & (first_bad_step < 0), step, first_bad_step)
+            if (step % 50 == 49 or step == steps_per_epoch - 1) and first_bad_step.item() >= 0:
+                bad_terms = ", ".join(name for name, bad in zip(terms, nonfinite.tolist()) if bad)
+                sys.stderr.write(f"{prog}: error: non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {first_bad_step.item()}; "
+                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact\n")
+                sys.exit(3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        losses = {name: (total / steps_per_epoch) for name, total in loss_sums.items()}
+        if distributed:
+            for value in losses.values():
+                dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        record = {"epoch": epoch + 1, "epochs": args.epochs, "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
+                  "losses": {name: value.item() for name, value in losses.items()},
+                  "images_per_s": steps_per_epoch * args.batch_size / epoch_time,
+                  "eta_s": epoch_time * (args.epochs - epoch - 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            for net in networks.values():
+                net.eval()
+            last_eval = evaluate(predict, data.test, autocast, distributed)
+            record["test"] = last_eval
+        if is_main:
+            print(format_metrics(record), flush=True)
+            with open(out_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if writer:
+                for name, value in record["losses"].items():
+                    writer.add_scalar(f"loss/{name}", value, epoch + 1)
+                for name, metrics in record.get("test", {}).items():
+                    writer.add_scalar(f"test_top1/{name}", metrics["top1"], epoch + 1)
+            save_atomic({"method": METHOD, "epoch": epoch + 1, "args": vars(args), "deployed": DEPLOYED,
+                         "num_classes": data.num_classes, "image_size": data.image_size,
+                         "networks": {name: net.state_dict() for name, net in networks.items()},
+                         "extra": {name: module.state_dict() for name, module in extra_modules.items()},
+                         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
+                         "scaler": scaler.state_dict(), "rng": rng_state(), "train_time_s": train_time,
+                         "last_eval": last_eval}, out_dir / "checkpoint.pt")
+    if is_main and last_epoch == args.epochs:
+        outputs = dict(last_eval)
+        ensemble = outputs.pop("ensemble", None)
+        save_atomic({"method": METHOD, "deployed_network": DEPLOYED, "deployed": last_eval.get(DEPLOYED),
+                     "networks": outputs, "ensemble": ensemble, "epochs": args.epochs, "args": vars(args),
+                     "train_time_s": train_time}, out_dir / "summary.json")
+        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval[DEPLOYED]['top1']:.4f} -> {out_dir / 'summary.json'}")
+    if writer:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
