@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common = parser.add_argument_group("common (identical in every method file)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
-    common.add_argument("--dataset", default="cifar100", help=f"{', '.join(DATASETS)}, folder:PATH or PATH.npz")
+    common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
     common.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images")
     common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
@@ -388,9 +388,6 @@ def main(args):
     is_main = rank == 0
     if args.amp == "fp16" and device.type != "cuda":
         sys.exit(f"{prog}: error: --amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -401,6 +398,9 @@ def main(args):
         networks = build_networks(args, data.num_classes, data.image_size)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"{prog}: error: {error}")
+    random.seed(args.seed + rank)  # from here on each rank draws its own random numbers
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(args.out_dir or Path("runs") / run_name)
     args.out_dir = str(out_dir)
