@@ -1,6 +1,11 @@
 """Shared test fixtures: the repository root on sys.path and the offline datasets in ../shared/data."""
+import contextlib
+import io
 import os
+import runpy
+import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -19,14 +24,37 @@ def cifar10_small():
     return CIFAR10_SMALL
 
 
-def run_script(script, *args, timeout=600, env=None, launcher=None):
-    """Run a method script as a new user would (a subprocess in the repository root); returns the
-    CompletedProcess with text stdout/stderr. `launcher` replaces `python` (e.g. torchrun)."""
-    import subprocess
+def run_script(script, *args, timeout=600, env=None, launcher=None, isolated=False):
+    """Run a script as `python script args...` would, returning a CompletedProcess-like result with
+    returncode, stdout and stderr (text).
 
-    command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    By default the script runs in this process (`runpy` as __main__, sys.argv set, output captured,
+    SystemExit and uncaught exceptions turned into exit codes and stderr as the interpreter would):
+    importing torch in a fresh interpreter costs seconds per run, which the suite cannot afford many
+    times. `isolated=True` (used by each script's first end-to-end test) or a `launcher` (e.g. torchrun)
+    runs a real subprocess, exactly as a new user would."""
+    if isolated or launcher or env:
+        command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    sys.argv = [str(REPO / script), *map(str, args)]
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            stderr.write(exit_.code + "\n")
+        returncode = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except Exception:  # noqa: BLE001 - the interpreter would print it and exit with 1
+        stderr.write(traceback.format_exc())
+        returncode = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(sys.argv, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 # A tiny, fast configuration every end-to-end test of a method script starts from.

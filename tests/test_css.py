@@ -168,7 +168,7 @@ def straight_run(tmp_path_factory):
     if not CIFAR10_SMALL.exists():
         pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
     out = tmp_path_factory.mktemp("css") / "straight"
-    result = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", out)
+    result = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", out, isolated=True)
     assert result.returncode == 0, result.stderr
     return out
 

@@ -100,7 +100,7 @@ def straight_run(tmp_path_factory):
     if not CIFAR10_SMALL.exists():
         pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
     out = tmp_path_factory.mktemp("fdl") / "straight"
-    result = run_script("fdl.py", *FDL_RUN, "--dataset", CIFAR10_SMALL, "--out-dir", out)
+    result = run_script("fdl.py", *FDL_RUN, "--dataset", CIFAR10_SMALL, "--out-dir", out, isolated=True)
     assert result.returncode == 0, result.stderr
     return out, result
 

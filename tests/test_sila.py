@@ -127,7 +127,7 @@ def read_summary(out_dir):
 
 def run_and_read(out, *extra, dataset):
     """One epoch of sila.py in `out`; returns (checkpoint, summary, last epoch's losses)."""
-    result = run_script("sila.py", *TINY_RUN, *SMALL, "--dataset", dataset, "--out-dir", out, *extra)
+    result = run_script("sila.py", *TINY_RUN, *SMALL, "--dataset", dataset, "--out-dir", out, *extra, isolated=True)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["method"] == "sila" and checkpoint["deployed"] == "net1"

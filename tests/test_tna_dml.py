@@ -91,7 +91,7 @@ def read_summary(out_dir):
 @pytest.mark.parametrize("script,extra", [("tna.py", ["--alpha", "5e-3"]), ("dml.py", []), ("dml.py", ["--sequential", "--num-students", "3"])])
 def test_script_writes_checkpoint_and_summary(script, extra, cifar10_small, tmp_path):
     out = tmp_path / "run"
-    result = run_script(script, *TINY_RUN, "--dataset", cifar10_small, "--out-dir", out, *extra)
+    result = run_script(script, *TINY_RUN, "--dataset", cifar10_small, "--out-dir", out, *extra, isolated=True)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["method"] == script[:-3]
@@ -127,13 +127,13 @@ def test_torchrun_two_processes_on_cpu(cifar10_small, tmp_path):
 
 
 def test_training_learns(cifar10_small, tmp_path):
-    """ConvNet, 4 epochs on the 5,000 cifar10_small images: chance is 10%; on the 1,000 test images its
-    standard error is about 1%, so 25% is more than 10 standard errors above chance, while 4 epochs reach
-    about 35-45% on this data (well inside the margin)."""
-    result = run_script("tna.py", "--model", "convnet", "--dataset", cifar10_small, "--epochs", "4", "--batch-size", "128",
+    """ConvNet, 3 epochs on 2,000 cifar10_small images: chance is 10%; on the 1,000 test images its
+    standard error is about 1%, so 20% is 10 standard errors above chance, while this run reaches
+    about 30% (measured here; 3 epochs on all 5,000 images reach 31-34%)."""
+    result = run_script("tna.py", "--model", "convnet", "--dataset", cifar10_small, "--subset", "2000", "--epochs", "3", "--batch-size", "32",
                         "--lr", "0.05", "--amp", "off", "--out-dir", tmp_path / "learn")
     assert result.returncode == 0, result.stderr
-    assert read_summary(tmp_path / "learn")["deployed"]["top1"] > 0.25
+    assert read_summary(tmp_path / "learn")["deployed"]["top1"] > 0.20
 
 
 @pytest.mark.parametrize("args,message", [

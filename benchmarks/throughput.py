@@ -1,0 +1,257 @@
+"""Throughput benchmark: every method's training step against its floor, the data path, memory,
+and the effect of --channels-last / --compile. A benchmark, not a test: it prints ratios measured
+in one run on the machine it runs on.
+
+The floor of a method is the cost of training its networks alone: the same number of bare
+single-network steps (forward, cross-entropy, backward, SGD step) of the same backbone, batch,
+precision and data loader. TNA, DML (K=2) and SiLa should stay within 1.10x of two networks'
+floor; FDL, AMLN and CSS do inherent extra work, so their ratio comes with torch.profiler's top
+operators to show where the time goes.
+
+Each measurement runs in a fresh worker process (so peak memory is its own): a method is run
+through its script's own `main()` for a few short epochs without evaluation, and images/s is the
+median over the epochs after the first (warm-up). Usage:
+
+    python benchmarks/throughput.py                                   # CPU defaults, < 5 minutes on 2 cores
+    python benchmarks/throughput.py --models resnet18 --batch-size 256 --steps 50 --repeats 5 --compile   # a GPU
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10_small.npz"
+METHODS = ("tna", "dml", "sila", "fdl", "amln", "css")
+NETWORKS_PER_METHOD = {"tna": 2, "dml": 2, "sila": 2, "fdl": 2, "amln": 2, "css": 2}
+TARGET_RATIO = {"tna": 1.10, "dml": 1.10, "sila": 1.10}  # the others do inherent extra work
+METHOD_FLAGS = {"fdl": ["--pretrain-epochs", "0"]}  # measure FDL's full four sub-steps
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method scripts to measure")
+    parser.add_argument("--models", default="convnet,resnet20", help="comma-separated backbones")
+    parser.add_argument("--dataset", default=str(DEFAULT_DATA), help="any dataset data.py accepts (in-memory ones measure the device loader)")
+    parser.add_argument("--data-dir", default="./data", help="for named datasets")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per measured epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="measured epochs after one warm-up epoch (the median is reported)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="precision of every measurement")
+    parser.add_argument("--compile", action="store_true", help="also measure --compile (slow to compile on CPU)")
+    parser.add_argument("--profile", default="fdl,amln,css", help="methods whose top operators are printed")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "throughput.json"), help="JSON results")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement as JSON
+    return parser.parse_args()
+
+
+# ---- workers: one measurement each, in their own process ----
+def peak_memory_mb(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def median_after_warmup(values):
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def run_method(job):
+    """Train `job["method"]` through its own main() for warm-up + repeats epochs, no evaluation."""
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(job["method"])
+    epochs = job["repeats"] + 1
+    with tempfile.TemporaryDirectory() as out_dir:
+        # --stop-after epochs with --epochs epochs+1: the evaluation after the last epoch never runs
+        argv = ["--model", job["model"], "--dataset", job["dataset"], "--data-dir", job["data_dir"],
+                "--subset", str(job["steps"] * job["batch_size"]), "--batch-size", str(job["batch_size"]),
+                "--epochs", str(epochs + 1), "--stop-after", str(epochs), "--eval-every", str(10**6),
+                "--amp", job["amp"], "--device", job["device"], "--out-dir", out_dir, *job["flags"],
+                *METHOD_FLAGS.get(job["method"], [])]
+        args = module.parse_args(argv)
+        profiler = None
+        if job.get("profile"):
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() and job["device"] != "cpu" else [])
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.__enter__()
+        module.main(args)
+        top_ops = None
+        if profiler:
+            profiler.__exit__(None, None, None)
+            sort_key = "self_cuda_time_total" if len(profiler.activities) > 1 else "self_cpu_time_total"
+            top_ops = profiler.key_averages().table(sort_by=sort_key, row_limit=12)
+        records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    device = torch.device("cuda" if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    return {"images_per_s": median_after_warmup([r["images_per_s"] for r in records]),
+            "peak_memory_mb": peak_memory_mb(device), "top_ops": top_ops}
+
+
+def run_floor(job):
+    """Bare single-network training on the same loader, batch and precision: the floor."""
+    import torch
+    import torch.nn.functional as F
+
+    from data import build_data
+    from models import build_model
+
+    device = torch.device("cuda" if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    data = build_data(job["dataset"], job["data_dir"], job["batch_size"], device, subset=job["steps"] * job["batch_size"])
+    model = build_model(job["model"], data.num_classes, data.image_size).to(device)
+    memory_format = torch.channels_last if "--channels-last" in job["flags"] else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    trained = torch.compile(model) if "--compile" in job["flags"] else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[job["amp"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=job["amp"] == "fp16")
+    rates, loader_rates = [], []
+    for epoch in range(job["repeats"] + 1):
+        data.train.set_epoch(epoch)
+        start = time.perf_counter()
+        for images, labels in data.train:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=job["amp"] != "off"):
+                loss = F.cross_entropy(trained(images.contiguous(memory_format=memory_format)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(data.train.num_samples / (time.perf_counter() - start))
+        start = time.perf_counter()  # the loader alone, same epoch: its share of a training step
+        for images, labels in data.train:
+            pass
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        loader_rates.append(data.train.num_samples / (time.perf_counter() - start))
+    return {"images_per_s": median_after_warmup(rates), "loader_images_per_s": median_after_warmup(loader_rates),
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def run_dataloader_baseline(job):
+    """torchvision's DataLoader with RandomCrop(32, padding=4) + flip + Normalize on the same images."""
+    import numpy as np
+    import torch
+    import torchvision.transforms as T
+
+    arrays = np.load(job["dataset"])
+    images, labels = arrays["x_train"][: job["steps"] * job["batch_size"] * 4], arrays["y_train"]
+    transform = T.Compose([T.ToPILImage(), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+    dataset = [(image, int(label)) for image, label in zip(images, labels)]
+
+    class Transformed(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, index):
+            return transform(dataset[index][0]), dataset[index][1]
+
+    loader = torch.utils.data.DataLoader(Transformed(), batch_size=job["batch_size"], shuffle=True, drop_last=True,
+                                         num_workers=job["workers"])
+    rates = []
+    for _ in range(job["repeats"] + 1):
+        start = time.perf_counter()
+        count = sum(len(batch_labels) for _, batch_labels in loader)
+        rates.append(count / (time.perf_counter() - start))
+    return {"images_per_s": median_after_warmup(rates)}
+
+
+WORKERS = {"method": run_method, "floor": run_floor, "dataloader": run_dataloader_baseline}
+
+
+def measure(job):
+    """Run one job in a fresh process (clean peak memory, no state shared between measurements)."""
+    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(WORKERS[job["kind"]](job)))
+        return
+    import torch
+
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    machine = f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    base = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size, "steps": args.steps,
+            "repeats": args.repeats, "device": device, "amp": args.amp, "flags": []}
+    results = {"machine": machine, "settings": vars(args), "methods": [], "data": {}, "formats": []}
+    started = time.perf_counter()
+    print(f"# {machine}; batch {args.batch_size}, {args.amp}, {args.steps} steps x {args.repeats} epochs after warm-up")
+
+    # ---- methods against their floor ----
+    print(f"{'method':6} {'model':10} {'img/s':>9} {'floor img/s':>11} {'ratio':>6} {'target':>6} {'mem MB':>8} {'floor MB':>8}")
+    floors = {}
+    for model in args.models.split(","):
+        floors[model] = measure({**base, "kind": "floor", "model": model})
+        for method in args.methods.split(","):
+            run = measure({**base, "kind": "method", "method": method, "model": model, "profile": method in args.profile.split(",")})
+            floor = floors[model]
+            row = {"method": method, "model": model, **{k: v for k, v in run.items() if k != "top_ops"}, "floor": floor}
+            if "error" not in run and "error" not in floor:
+                # step time over the floor of all the method's networks: (1 / ips) / (n / floor_ips)
+                row["ratio"] = floor["images_per_s"] / (NETWORKS_PER_METHOD[method] * run["images_per_s"])
+                target = TARGET_RATIO.get(method)
+                print(f"{method:6} {model:10} {run['images_per_s']:9.0f} {floor['images_per_s']:11.0f} {row['ratio']:6.2f} "
+                      f"{target or '-':>6} {run['peak_memory_mb']:8.0f} {floor['peak_memory_mb']:8.0f}")
+            else:
+                print(f"{method:6} {model:10} error: {run.get('error') or floor.get('error')}")
+            if run.get("top_ops"):
+                row["top_ops"] = run["top_ops"]
+            results["methods"].append(row)
+    for row in results["methods"]:
+        if row.get("top_ops"):
+            print(f"\n# where the time goes: {row['method']} / {row['model']} (torch.profiler, self time)\n{row['top_ops']}")
+
+    # ---- the data path ----
+    if args.dataset.endswith(".npz"):
+        workers = 0 if device == "cpu" else min(8, os.cpu_count())
+        baseline = measure({**base, "kind": "dataloader", "workers": workers})
+        loader = floors[args.models.split(",")[0]]
+        if "error" not in baseline and "error" not in loader:
+            results["data"] = {"device_loader_images_per_s": loader["loader_images_per_s"],
+                               "dataloader_images_per_s": baseline["images_per_s"], "dataloader_workers": workers,
+                               "speedup": loader["loader_images_per_s"] / baseline["images_per_s"],
+                               "loader_share_of_step": loader["images_per_s"] / loader["loader_images_per_s"]}
+            d = results["data"]
+            print(f"\n# data: device loader {d['device_loader_images_per_s']:.0f} img/s, torchvision DataLoader ({workers} workers) "
+                  f"{d['dataloader_images_per_s']:.0f} img/s: {d['speedup']:.1f}x (target >= 10x on CPU); "
+                  f"loader share of a {args.models.split(',')[0]} step {100 * d['loader_share_of_step']:.1f}% (target < 5%)")
+
+    # ---- memory format and compilation (TNA, first backbone) ----
+    variants = [["--channels-last"]] + ([["--compile"]] if args.compile else [])
+    model = args.models.split(",")[0]
+    reference = next((r for r in results["methods"] if r["method"] == "tna" and r["model"] == model and "ratio" in r), None)
+    for flags in variants:
+        run = measure({**base, "flags": flags, "kind": "method", "method": "tna", "model": model})
+        if "error" in run or reference is None:
+            print(f"# tna {model} {' '.join(flags)}: {run.get('error', 'no reference run')}")
+            continue
+        speedup = run["images_per_s"] / reference["images_per_s"]
+        results["formats"].append({"flags": flags, "images_per_s": run["images_per_s"], "speedup": speedup})
+        print(f"# tna {model} {' '.join(flags)}: {run['images_per_s']:.0f} img/s, {speedup:.2f}x the default")
+    results["seconds"] = time.perf_counter() - started
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\n# {results['seconds']:.0f} s; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
