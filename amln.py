@@ -1,0 +1,628 @@
+"""Adversarial-based Mutual Learning Network (AMLN), paper 003.
+
+Two peer networks learn from each other's outcome (cross-entropy plus a softened KL to the peer's
+prediction) and from each other's process: after every stage, a discriminator per network learns
+to tell which network a feature map came from while that network learns to fool it, and an
+alignment container maps the stage's features onto the peer's final feature map. Each peer is
+deployed alone (peer 1 is reported; peer 2 and the logit-average ensemble too).
+
+    L_{S_j} = L_C^j + T^2 L_KL^j + L_D^j + beta L_F^j                        (eq. 9 = eq. 8 + eq. 3)
+    L_C^j  = CE(z_j, y)                                                                   (eq. 5)
+    L_KL^j = KL(rho_peer || rho_j), rho = softmax(z / T), T = 3, the peer detached      (eq. 6-7)
+    L_D^j  = sum_b CE(D_j^b(sigma(f_j^b)), id of the peer)    network side of eq. 1 (non-saturating)
+    max_D    -sum_b CE(D_j^b(sigma(f_k^b)), k) over the features f_k^b of both networks k   (eq. 1)
+    L_F^j  = sum_b MSE(C_j^b(f_j^b), f_peer^final), the peer detached                      (eq. 2)
+
+No public code exists; our choices (SPEC.md section 3): D_j^b = sigma (1x1 conv halving the
+channels) + three 3x3 convs with ReLU, the last with 2 outputs, global average pooling; one sigma
+per discriminator, applied to both networks' features as eq. 1 writes, and trained with the
+discriminator (were it trained by the networks, they could fool D by shrinking sigma instead of
+changing their features). The discriminators have their own optimizer (`--disc-lr`), which follows
+the main schedule. C_j^b = depthwise 3x3 conv whose stride takes f_j^b to the peer's final spatial
+size, then a pointwise conv to its channels. Both peers step on one forward, the peer's terms
+detached; `--sequential` follows Algorithm 1. Eq. 7 is printed as KL(rho_j || rho_peer); we use
+DML's direction, as Table 6 case B (CE + KL) reports DML's number; `--kl-direction self_peer`
+gives the printed one.
+
+Reproduce Table 2(b)'s ResNet-32 pair on CIFAR-100 (paper, mean of the two peers: 69.71% alone,
+70.98% DML, 74.69% AMLN) with the paper's schedule (section 4.2; 600 epochs is our reading):
+    python amln.py --model resnet32 --dataset cifar100 --epochs 600 --batch-size 128 \\
+        --schedule multistep --milestones 200 400 --nesterov --weight-decay 1e-4
+Table 6 (ResNet-32 pair, CIFAR-10 / CIFAR-100): the same command plus
+    --no-kl --no-adversarial --no-alignment    # A: CE only        93.10 / 69.71
+    --no-adversarial --no-alignment            # B: + L_KL (DML)   93.15 / 70.98
+    --no-adversarial                           # C: + L_F          93.89 / 73.24
+    --no-alignment                             # D: + L_D          94.01 / 74.16
+                                               # E: AMLN           94.25 / 74.69
+A mixed pair (Table 3(b): WRN-16-2 75.88%, ResNet-32 74.65%): --models wrn_16_2,resnet32
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from data import DATASETS, build_data
+from models import MODEL_NAMES, build_model
+
+METHOD = "amln"
+
+
+# ==== arguments: the common block is identical in every method file ====
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of the whole usage block
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common = parser.add_argument_group("common (identical in every method file)")
+    common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
+    common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
+    common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
+    common.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images")
+    common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
+    common.add_argument("--seed", type=int, default=0, help="random seed (offset by the rank under torchrun)")
+    common.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
+    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast precision; fp16 uses a GradScaler (CUDA only)")
+    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on tensor cores)")
+    common.add_argument("--compile", action="store_true", help="torch.compile every network")
+    common.add_argument("--epochs", type=int, default=200, help="training epochs")
+    common.add_argument("--batch-size", type=int, default=256, help="global batch size (split across ranks)")
+    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
+    common.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    common.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    common.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
+    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--warmup-epochs", type=float, default=0, help="linear learning-rate warm-up")
+    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"], help="cosine to 0 per step, or steps at --milestones")
+    common.add_argument("--milestones", type=int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
+    common.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
+    common.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always after the last)")
+    common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
+    common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
+    common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
+    method = parser.add_argument_group("AMLN (paper 003)")
+    method.add_argument("--models", default=None, help="two comma-separated architectures, peer 1 and peer 2, with the same number of stages (default: --model twice)")
+    method.add_argument("--temperature", type=float, default=3.0, help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
+    method.add_argument("--beta", type=float, default=1.0, help="weight of the alignment loss L_F (eq. 3)")
+    method.add_argument("--disc-lr", type=float, default=0.01, help="peak learning rate of the discriminators' own optimizer (follows the main schedule)")
+    method.add_argument("--adversarial-loss", default="ce", choices=["ce", "probability"], help="network side of eq. 1: non-saturating CE towards the peer's id, or 1 - P(peer id) as eq. 1 is printed")
+    method.add_argument("--kl-direction", default="peer_self", choices=["peer_self", "self_peer"], help="KL(rho_peer || rho_self) as DML, or KL(rho_self || rho_peer) as eq. 7 is printed")
+    method.add_argument("--sequential", action="store_true", help="Algorithm 1: update peer 1, recompute its outputs, then update peer 2")
+    method.add_argument("--no-kl", action="store_true", help="drop L_KL (Table 6)")
+    method.add_argument("--no-adversarial", action="store_true", help="drop L_D and the discriminators (Table 6)")
+    method.add_argument("--no-alignment", action="store_true", help="drop L_F and the alignment containers (Table 6)")
+    args = parser.parse_args(argv)
+    args.models = args.models.split(",") if isinstance(args.models, str) else args.models
+    if args.models is not None and len(args.models) != 2:
+        parser.error(f"AMLN trains two peers: --models takes two architectures a,b, got {','.join(args.models)}")
+    if args.temperature <= 0 or args.beta < 0 or args.disc_lr <= 0:
+        parser.error(f"--temperature and --disc-lr must be > 0 and --beta >= 0, got {args.temperature}, {args.disc_lr} and {args.beta}")
+    return args
+
+
+# ==== the method ====
+def outcome_loss(logits, peer_logits, targets, temperature=3.0, direction="peer_self"):
+    """Eq. 5-8: L_C = CE(z_j, y) and T^2 * L_KL with rho = softmax(z / T) (eq. 6). Returns (ce, kl), fp32.
+
+    direction "peer_self": KL(rho_peer || rho_j), DML's direction; "self_peer": KL(rho_j || rho_peer),
+    eq. 7 as printed. KL summed over classes, averaged over the batch; the peer is detached.
+    """
+    logits = logits.float()
+    log_rho = F.log_softmax(logits / temperature, dim=1)
+    log_rho_peer = F.log_softmax(peer_logits.detach().float() / temperature, dim=1)
+    if direction == "peer_self":
+        kl = F.kl_div(log_rho, log_rho_peer, reduction="batchmean", log_target=True)
+    else:
+        kl = F.kl_div(log_rho_peer, log_rho, reduction="batchmean", log_target=True)
+    return F.cross_entropy(logits, targets), kl * temperature**2  # T^2 keeps the gradient scale of CE (eq. 8)
+
+
+def adversarial_loss(disc_logits, peer_id, form="ce"):
+    """Network side of eq. 1: L_D^j = sum_b of a loss that is small when D_j^b takes network j's features
+    sigma(f_j^b) for the peer's. form "ce": CE(D_j^b, peer_id), the non-saturating GAN form (SPEC);
+    "probability": mean(1 - P_D(peer_id)), eq. 1 as printed with D = the probability of the peer's id
+    (saturating: its gradient fades as D grows confident)."""
+    total = 0
+    for logits in disc_logits:
+        if form == "ce":
+            total = total + F.cross_entropy(logits.float(), torch.full((len(logits),), peer_id, device=logits.device))
+        else:
+            total = total + (1 - F.softmax(logits.float(), dim=1)[:, peer_id]).mean()
+    return total
+
+
+def discriminator_loss(stage_logits, labels):
+    """Discriminator side of eq. 1: every D_j^b classifies both networks' stage-b features by network
+    id (`labels`). Returns (sum of the cross-entropies, accuracy of each D_j^b as [stage][network])."""
+    losses = [F.cross_entropy(logits.float(), labels) for pair in stage_logits for logits in pair]
+    accuracies = [[(logits.argmax(1) == labels).float().mean() for logits in pair] for pair in stage_logits]
+    return sum(losses), accuracies
+
+
+def alignment_loss(aligned, peer_final):
+    """Eq. 2: L_F^j = sum_b d(C_j^b(f_j^b), f_peer^final), d = mean squared error (choice: SPEC), peer detached."""
+    target = peer_final.detach().float()
+    return sum(F.mse_loss(features.float(), target) for features in aligned)
+
+
+class Discriminator(torch.nn.Module):
+    """D_j^b (section 3.2): sigma, a 1x1 conv halving the channels (eq. 1), then three 3x3 convs with
+    ReLU, the last with two outputs (the network id), and global average pooling to 2 logits."""
+
+    def __init__(self, channels):
+        super().__init__()
+        width = max(1, channels // 2)
+        self.sigma = torch.nn.Conv2d(channels, width, 1)
+        self.layers = torch.nn.Sequential(
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(width, 2, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    def forward(self, features):
+        return self.layers(self.sigma(features))
+
+
+class Discriminators(torch.nn.Module):
+    """Every D_j^b, as stages[b][j]. One call classifies one batch per stage with both discriminators
+    of that stage, so the discriminator step is one forward (what DDP needs)."""
+
+    def __init__(self, channels_per_stage):
+        super().__init__()
+        self.stages = torch.nn.ModuleList(torch.nn.ModuleList(Discriminator(c) for _ in range(2)) for c in channels_per_stage)
+
+    def forward(self, stage_inputs):
+        return [[disc(features) for disc in pair] for pair, features in zip(self.stages, stage_inputs)]
+
+
+class AlignmentContainer(torch.nn.Module):
+    """C_j^b (eq. 2): a depthwise 3x3 conv whose stride takes f_j^b to the peer's final spatial size,
+    then a pointwise conv to the peer's final channels. Shapes are (channels, height, width)."""
+
+    def __init__(self, own_shape, peer_final_shape):
+        super().__init__()
+        channels, size, target_size = own_shape[0], own_shape[1:], tuple(peer_final_shape[1:])
+        stride = tuple(max(1, s // t) for s, t in zip(size, target_size))
+        self.depthwise = torch.nn.Conv2d(channels, channels, 3, stride, padding=1, groups=channels)
+        self.pointwise = torch.nn.Conv2d(channels, peer_final_shape[0], 1)
+        self.target_size = target_size
+
+    def forward(self, features):
+        features = self.depthwise(features)
+        if tuple(features.shape[2:]) != self.target_size:  # choice: no integer stride fits (ConvNet 14 -> 5): pool the rest
+            features = F.adaptive_avg_pool2d(features, self.target_size)
+        return self.pointwise(features)
+
+
+class PeerBlocks(torch.nn.Module):
+    """Network j's block-wise extras, trained with network j: per stage an adapter to the discriminators'
+    input (empty, i.e. identity, when both peers' stage outputs have one shape) and C_j^b.
+    forward(stage features) -> (adapted features, aligned features); either list is empty when off."""
+
+    def __init__(self, adapters, containers):
+        super().__init__()
+        self.adapters, self.containers = torch.nn.ModuleList(adapters), torch.nn.ModuleList(containers)
+
+    def forward(self, features):
+        return [a(f) for a, f in zip(self.adapters, features)], [c(f) for c, f in zip(self.containers, features)]
+
+
+def discriminator_adapter(own_shape, common_shape):
+    """choice (mixed pairs, unstated in the paper): one sigma sees both networks' features, so where the
+    stage-b outputs differ, the wider network's pass through a 1x1 conv to the narrower's channels
+    (trained by that network, as part of the generator; a discriminator-trained projection per
+    network would let D win by the projections alone) and the larger map is average-pooled."""
+    layers = []
+    if own_shape[0] != common_shape[0]:
+        layers.append(torch.nn.Conv2d(own_shape[0], common_shape[0], 1))
+    if own_shape[1:] != common_shape[1:]:
+        layers.append(torch.nn.AdaptiveAvgPool2d(common_shape[1:]))
+    return torch.nn.Sequential(*layers)
+
+
+def build_block_modules(shapes, adversarial=True, alignment=True):
+    """The block-wise modules (section 3.2) for two peers whose stage outputs have `shapes[j][b]` =
+    (channels, height, width). Returns (Discriminators or None, [PeerBlocks of peer 1, of peer 2])."""
+    common = [tuple(min(a, b) for a, b in zip(first, second)) for first, second in zip(*shapes)]
+    discriminators = Discriminators([shape[0] for shape in common]) if adversarial else None
+    blocks = [PeerBlocks([discriminator_adapter(own, target) for own, target in zip(shapes[j], common)] if adversarial else [],
+                         [AlignmentContainer(own, shapes[1 - j][-1]) for own in shapes[j]] if alignment else [])
+              for j in range(2)]
+    return discriminators, blocks
+
+
+@torch.no_grad()
+def stage_shapes(network, image_size):
+    """(channels, height, width) of each stage output at `image_size`, from a dummy forward in eval mode
+    (so no BN running statistic moves). ValueError for networks AMLN cannot pair stage by stage."""
+    was_training = network.training
+    network.eval()
+    logits, features = network(torch.zeros(2, 3, image_size, image_size), return_features=True)
+    network.train(was_training)
+    if isinstance(logits, (list, tuple)) or any(not torch.is_tensor(f) or f.dim() != 4 for f in features):
+        raise ValueError("AMLN needs single-exit convolutional backbones (4-d stage outputs): not MSDNet or ViT")
+    return [tuple(f.shape[1:]) for f in features]
+
+
+def frozen_call(module, inputs):
+    """module(inputs) with its parameters detached: the gradient reaches `inputs`, never the module."""
+    return torch.func.functional_call(module, {name: p.detach() for name, p in module.named_parameters()}, (inputs,))
+
+
+def discriminator_step(discriminators, adapted, optimizer, scaler, autocast):
+    """Eq. 1's max over D: every D_j^b (sigma included) learns to tell peer 1's stage-b features (label 0)
+    from peer 2's (label 1). The features are detached, so nothing else changes. `adapted[k][b]`: the
+    adapted stage-b features of network k. Returns the logged terms: the loss and each D's accuracy
+    on this batch, before its update."""
+    stage_inputs = [torch.cat([first.detach(), second.detach()]) for first, second in zip(*adapted)]
+    batch = len(adapted[0][0])
+    labels = torch.arange(2, device=stage_inputs[0].device).repeat_interleave(batch)
+    with autocast():
+        stage_logits = discriminators(stage_inputs)  # one forward: DDP all-reduces on the one backward
+    loss, accuracies = discriminator_loss(stage_logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    terms = {"d_loss": loss}
+    for b, pair in enumerate(accuracies):
+        terms.update({f"d_acc_peer{j + 1}_stage{b + 1}": accuracy for j, accuracy in enumerate(pair)})
+    return terms
+
+
+def peer_loss(j, own, peer, discriminators, targets, args, autocast):
+    """Eq. 9 for network j: L_C + T^2 L_KL + L_D + beta L_F, each term present only when on.
+    `own`, `peer`: (logits, final features, adapted features, aligned features) of network j and of
+    its peer; `discriminators`: the raw Discriminators (used with detached parameters) or None;
+    `autocast`: the precision context. Returns (total, the logged terms)."""
+    name = f"peer{j + 1}"
+    logits, _, adapted, aligned = own
+    ce, kl = outcome_loss(logits, peer[0], targets, args.temperature, args.kl_direction)
+    terms, total = {f"ce_{name}": ce}, ce
+    if not args.no_kl:
+        terms[f"kl_{name}"] = kl
+        total = total + kl
+    if discriminators is not None:  # frozen_call: the network step trains no discriminator parameter
+        with autocast():
+            disc_logits = [frozen_call(pair[j], features) for pair, features in zip(discriminators.stages, adapted)]
+        terms[f"adv_{name}"] = adversarial_loss(disc_logits, 1 - j, args.adversarial_loss)
+        total = total + terms[f"adv_{name}"]
+    if aligned:
+        terms[f"align_{name}"] = alignment_loss(aligned, peer[1])
+        total = total + args.beta * terms[f"align_{name}"]
+    return total, terms
+
+
+def amln_step(nets, blocks, discriminators, optimizers, images, targets, args, scaler, autocast):
+    """One AMLN iteration: the discriminators' step, then the networks' (Algorithm 1).
+
+    nets: {"peer1", "peer2"} (possibly DDP-wrapped); blocks: their PeerBlocks (possibly wrapped);
+    discriminators: Discriminators (possibly wrapped) or None; optimizers: one per peer (its network
+    and blocks) and "disc". Returns the loss terms as 0-d tensors (never synced here).
+    """
+    names = list(nets)
+
+    def forward(j, grad):  # network j and its block-wise modules
+        with torch.set_grad_enabled(grad), autocast():
+            logits, features = nets[names[j]](images, return_features=True)
+            adapted, aligned = blocks[j](features)
+        return logits, features[-1], adapted, aligned
+
+    def update(loss, *names_to_step):
+        for name in names_to_step:
+            optimizers[name].zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        for name in names_to_step:
+            scaler.step(optimizers[name])
+        scaler.update()
+
+    outputs = [forward(0, True), forward(1, not args.sequential)]
+    terms = {}
+    if discriminators is not None:
+        terms.update(discriminator_step(discriminators, [out[2] for out in outputs], optimizers["disc"], scaler, autocast))
+    raw_discriminators = getattr(discriminators, "module", discriminators)  # unwrap DDP
+    if args.sequential:  # Algorithm 1: peer 1 steps, then peer 2 learns from peer 1's updated outputs
+        total = 0
+        for j, name in enumerate(names):
+            if j == 1:
+                outputs = [forward(0, False), forward(1, True)]
+            loss, peer_terms = peer_loss(j, outputs[j], outputs[1 - j], raw_discriminators, targets, args, autocast)
+            update(loss, name)
+            total, terms = total + loss.detach(), {**terms, **peer_terms}
+    else:  # choice: both peers step on one forward (the peer's terms are detached, so the losses separate)
+        losses = [peer_loss(j, outputs[j], outputs[1 - j], raw_discriminators, targets, args, autocast) for j in range(2)]
+        total = losses[0][0] + losses[1][0]
+        update(total, *names)
+        for _, peer_terms in losses:
+            terms.update(peer_terms)
+    return {"loss": total, **terms}
+
+
+def build_networks(args, num_classes, image_size):
+    """The networks this method trains and evaluates, by name (analysis.py rebuilds runs with it)."""
+    architectures = args.models or [args.model] * 2
+    peers = {f"peer{k + 1}": build_model(name, num_classes, image_size) for k, name in enumerate(architectures)}
+    stage_counts = [len(getattr(net, "stages", [])) for net in peers.values()]
+    if stage_counts[0] != stage_counts[1]:
+        raise ValueError(f"AMLN pairs the peers stage by stage (section 3.1), but {architectures[0]} has {stage_counts[0]} stages "
+                         f"and {architectures[1]} has {stage_counts[1]}; choose two architectures with the same number of stages")
+    return peers
+
+
+DEPLOYED = "peer1"  # each peer is deployed alone; the first is reported
+
+
+# ==== scaffolding helpers: identical in every method file ====
+def lr_factor(step, steps_per_epoch, args):
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine to 0 at the
+    last step (SPEC 1), or x gamma at each milestone epoch."""
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if args.schedule == "multistep":
+        return args.gamma ** sum(step >= m * steps_per_epoch for m in args.milestones)
+    progress = (step - warmup_steps) / max(1, args.epochs * steps_per_epoch - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params, args, lr=None):
+    lr = args.lr if lr is None else lr
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
+
+
+@torch.no_grad()
+def evaluate(predict, loader, autocast, distributed):
+    """Top-1, top-5 and NLL of every output of `predict` (name -> logits) over the test set."""
+    sums = {}
+    for images, labels in loader:
+        with autocast():
+            outputs = predict(images)
+        for name, logits in outputs.items():
+            logits = logits.float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            batch = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
+                                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=labels.device)]).double()
+            sums[name] = sums[name] + batch if name in sums else batch
+    results = {}
+    for name, total in sums.items():
+        if distributed:
+            dist.all_reduce(total)
+        top1, top5, nll, count = total.tolist()
+        results[name] = {"top1": top1 / count, "top5": top5 / count, "nll": nll / count}
+    return results
+
+
+def find_checkpoint(path):
+    path = Path(path)
+    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        sys.exit(f"{Path(sys.argv[0]).name}: error: no checkpoint at {checkpoint} (give a run folder or a checkpoint.pt)")
+    return checkpoint
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file and rename, so a kill mid-write never leaves a broken file."""
+    tmp = Path(str(path) + ".tmp")
+    if isinstance(obj, dict) and path.suffix == ".json":
+        tmp.write_text(json.dumps(obj, indent=2))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def format_metrics(record):
+    losses = " ".join(f"{k} {v:.4f}" for k, v in record["losses"].items())
+    accuracy = " ".join(f"{k} {v['top1']:.4f}" for k, v in record.get("test", {}).items()) or "-"
+    eta = time.strftime("%H:%M:%S", time.gmtime(record["eta_s"]))
+    return (f"epoch {record['epoch']}/{record['epochs']} | lr {record['lr']:.4g} | {losses} | "
+            f"top1 {accuracy} | {record['images_per_s']:.0f} img/s | eta {eta}")
+
+
+def main(args):
+    prog = Path(sys.argv[0]).name
+    # ==== setup: distributed, device, seed, precision (identical in every method file) ====
+    if args.resume:  # continue with the run's own arguments; only these may change
+        checkpoint_path = find_checkpoint(args.resume)
+        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        overrides = {k: getattr(args, k) for k in ("resume", "stop_after", "device", "data_dir", "compile")}
+        args = argparse.Namespace(**{**resumed["args"], **overrides, "out_dir": str(checkpoint_path.parent)})
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if distributed and args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    if args.amp == "fp16" and device.type != "cuda":
+        sys.exit(f"{prog}: error: --amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    try:
+        data = build_data(args.dataset, args.data_dir, args.batch_size // world_size, device, subset=args.subset,
+                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        networks = build_networks(args, data.num_classes, data.image_size)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{prog}: error: {error}")
+    random.seed(args.seed + rank)  # from here on each rank draws its own random numbers
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(args.out_dir or Path("runs") / run_name)
+    args.out_dir = str(out_dir)
+
+    # ==== the method's networks, optimizers and frozen parts ====
+    frozen = set()
+    try:
+        shapes = [stage_shapes(net, data.image_size) for net in networks.values()]
+    except ValueError as error:
+        sys.exit(f"{prog}: error: {error}")
+    discriminators, blocks = build_block_modules(shapes, adversarial=not args.no_adversarial, alignment=not args.no_alignment)
+    # each peer's optimizer owns its network and its block-wise extras (adapters, alignment containers)
+    optimizers = {name: make_optimizer([*net.parameters(), *blocks[j].parameters()], args) for j, (name, net) in enumerate(networks.items())}
+    extra_modules = {f"{name}_blocks": blocks[j] for j, name in enumerate(networks)}
+    if discriminators is not None:  # eq. 1's max over D: the discriminators (sigma included) have their own optimizer
+        optimizers["disc"] = make_optimizer(discriminators.parameters(), args, lr=args.disc_lr)
+        extra_modules["discriminators"] = discriminators
+    # choice: "disc" follows the main schedule, so the two players' step sizes keep their ratio; a constant
+    # lr would let the discriminators outrun networks whose lr anneals to 0 (saturated D, no useful signal)
+    constant_lr = set()
+
+    # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    for module in [*networks.values(), *extra_modules.values()]:
+        module.to(device, memory_format=memory_format)
+    train_nets = {name: torch.compile(net) if args.compile else net for name, net in networks.items()}
+    if distributed:
+        train_nets = {name: net if name in frozen else DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+                      for name, net in train_nets.items()}
+    steps_per_epoch = len(data.train)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, args))
+                  for name, opt in optimizers.items() if name not in constant_lr}
+    start_epoch, train_time, last_eval = 0, 0.0, {}
+    if args.resume:
+        for name, net in networks.items():
+            net.load_state_dict(resumed["networks"][name])
+        for name, module in extra_modules.items():
+            module.load_state_dict(resumed["extra"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(resumed["optimizers"][name])
+        for name, sched in schedulers.items():
+            sched.load_state_dict(resumed["schedulers"][name])
+        scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+    writer = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(out_dir)
+        except ImportError:  # tensorboard is optional
+            pass
+        print(f"{METHOD}: {', '.join(f'{n} {sum(p.numel() for p in m.parameters()):,} params' for n, m in networks.items())} "
+              f"| {data.num_classes} classes | {steps_per_epoch} steps/epoch | {device} x{world_size} | {args.amp} | -> {out_dir}"
+              + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
+
+    # ==== the method's training step and evaluation outputs ====
+    def wrap(module):  # under torchrun the extra trainable modules need their gradients all-reduced too
+        trainable = module is not None and any(p.requires_grad for p in module.parameters())
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) if distributed and trainable else module
+
+    train_blocks, train_discriminators = [wrap(b) for b in blocks], wrap(discriminators)
+
+    def train_step(images, labels, epoch):
+        """One AMLN iteration (Algorithm 1, eq. 1-9) on a batch; returns the loss terms as tensors (logged per epoch)."""
+        return amln_step(train_nets, train_blocks, train_discriminators, optimizers, images, labels, args, scaler, autocast)
+
+    def predict(images):
+        logits = {name: net(images) for name, net in networks.items()}
+        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+
+    # ==== training loop, logging, checkpoints (identical in every method file) ====
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start_epoch, last_epoch):
+        for name, net in networks.items():
+            net.train(name not in frozen)
+        data.train.set_epoch(epoch)
+        loss_sums, first_bad_step, nonfinite = {}, torch.full((), -1, device=device), None
+        epoch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(data.train):
+            images = images.contiguous(memory_format=memory_format)
+            terms = train_step(images, labels, epoch)
+            for scheduler in schedulers.values():
+                scheduler.step()  # per iteration (SPEC 1)
+            values = torch.stack([value.detach().float() for value in terms.values()])
+            for name, value in zip(terms, values):
+                loss_sums[name] = loss_sums.get(name, 0) + value
+            # divergence check without a host sync per step: the device remembers the first bad step
+            step_nonfinite = ~values.isfinite()
+            nonfinite = step_nonfinite if nonfinite is None else nonfinite | step_nonfinite
+            first_bad_step = torch.where(step_nonfinite.any() & (first_bad_step < 0), step, first_bad_step)
+            if (step % 50 == 49 or step == steps_per_epoch - 1) and first_bad_step.item() >= 0:
+                bad_terms = ", ".join(name for name, bad in zip(terms, nonfinite.tolist()) if bad)
+                sys.stderr.write(f"{prog}: error: non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {first_bad_step.item()}; "
+                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact\n")
+                sys.exit(3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        losses = {name: (total / steps_per_epoch) for name, total in loss_sums.items()}
+        if distributed:
+            for value in losses.values():
+                dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        record = {"epoch": epoch + 1, "epochs": args.epochs, "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
+                  "losses": {name: value.item() for name, value in losses.items()},
+                  "images_per_s": steps_per_epoch * args.batch_size / epoch_time,
+                  "eta_s": epoch_time * (args.epochs - epoch - 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            for net in networks.values():
+                net.eval()
+            last_eval = evaluate(predict, data.test, autocast, distributed)
+            record["test"] = last_eval
+        if is_main:
+            print(format_metrics(record), flush=True)
+            with open(out_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if writer:
+                for name, value in record["losses"].items():
+                    writer.add_scalar(f"loss/{name}", value, epoch + 1)
+                for name, metrics in record.get("test", {}).items():
+                    writer.add_scalar(f"test_top1/{name}", metrics["top1"], epoch + 1)
+            save_atomic({"method": METHOD, "epoch": epoch + 1, "args": vars(args), "deployed": DEPLOYED,
+                         "num_classes": data.num_classes, "image_size": data.image_size,
+                         "networks": {name: net.state_dict() for name, net in networks.items()},
+                         "extra": {name: module.state_dict() for name, module in extra_modules.items()},
+                         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
+                         "scaler": scaler.state_dict(), "rng": rng_state(), "train_time_s": train_time,
+                         "last_eval": last_eval}, out_dir / "checkpoint.pt")
+    if is_main and last_epoch == args.epochs:
+        outputs = dict(last_eval)
+        ensemble = outputs.pop("ensemble", None)
+        save_atomic({"method": METHOD, "deployed_network": DEPLOYED, "deployed": last_eval.get(DEPLOYED),
+                     "networks": outputs, "ensemble": ensemble, "epochs": args.epochs, "args": vars(args),
+                     "train_time_s": train_time}, out_dir / "summary.json")
+        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval[DEPLOYED]['top1']:.4f} -> {out_dir / 'summary.json'}")
+    if writer:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())

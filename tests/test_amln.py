@@ -1,0 +1,216 @@
+"""AMLN (paper 003): the losses against hand-computed values, the block-wise modules' shapes, which
+parameters each step changes, the ablation flags, and the script end to end (outputs, resume, bad input)."""
+import argparse
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules, discriminator_loss,
+                  discriminator_step, make_optimizer, outcome_loss, peer_loss, stage_shapes)
+from conftest import TINY_RUN, run_script
+from models import build_model
+
+
+# ---- losses ----
+def test_outcome_loss_matches_hand_computation():
+    logits, peer_logits, targets = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]]), torch.tensor([0])
+    ce, kl = outcome_loss(logits, peer_logits, targets, temperature=3.0)
+    rho, rho_peer = F.softmax(logits / 3, 1)[0], F.softmax(peer_logits / 3, 1)[0]
+    kl_peer_self = sum(rho_peer[c] * math.log(rho_peer[c] / rho[c]) for c in range(2))  # KL(rho_peer || rho), eq. 7 as DML
+    assert ce.item() == pytest.approx(math.log(1 + math.exp(-3)), rel=1e-5)
+    assert kl.item() == pytest.approx(9 * float(kl_peer_self), rel=1e-5)  # scaled by T^2 (eq. 8)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    peer_logits = torch.tensor([[0.0, 1.0, 0.0]])
+    _, kl_printed = outcome_loss(logits, peer_logits, torch.tensor([0]), temperature=1.0, direction="self_peer")
+    p, q = F.softmax(logits, 1)[0], F.softmax(peer_logits, 1)[0]
+    assert kl_printed.item() == pytest.approx(float(sum(p[c] * math.log(p[c] / q[c]) for c in range(3))), rel=1e-5)
+
+
+def test_outcome_loss_detaches_the_peer():
+    logits, peer_logits = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    for direction in ("peer_self", "self_peer"):
+        outcome_loss(logits, peer_logits, torch.randint(0, 5, (4,)), direction=direction)[1].backward()
+    assert logits.grad.abs().sum() > 0 and peer_logits.grad is None
+
+
+def test_adversarial_and_discriminator_losses_match_hand_computation():
+    undecided = torch.zeros(4, 2)  # D outputs equal logits: CE log 2 for any label
+    confident = torch.tensor([[5.0, 0.0]] * 2 + [[0.0, 5.0]] * 2)  # right on labels 0, 0, 1, 1
+    assert adversarial_loss([undecided, undecided], peer_id=1).item() == pytest.approx(2 * math.log(2))
+    # the network side is the cross-entropy towards the PEER's id: large when D recognises network 0
+    assert adversarial_loss([confident[:2]], peer_id=1).item() == pytest.approx(5 + math.log(1 + math.exp(-5)))
+    # eq. 1 as printed: 1 - P(peer id), bounded by 1 per stage
+    assert adversarial_loss([confident[:2]], 1, form="probability").item() == pytest.approx(1 - 1 / (1 + math.exp(5)))
+    assert adversarial_loss([undecided, undecided], 0, form="probability").item() == pytest.approx(1.0)
+    labels = torch.tensor([0, 0, 1, 1])
+    loss, accuracies = discriminator_loss([[confident, undecided]], labels)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-5)) + math.log(2))
+    assert accuracies[0][0].item() == 1.0 and accuracies[0][1].item() == 0.5  # argmax of a tie is class 0
+
+
+def test_alignment_loss_sums_mse_over_stages_and_detaches_the_peer():
+    aligned = [torch.ones(2, 3, 4, 4, requires_grad=True), torch.zeros(2, 3, 4, 4, requires_grad=True)]
+    peer_final = torch.full((2, 3, 4, 4), 2.0, requires_grad=True)
+    loss = alignment_loss(aligned, peer_final)
+    assert loss.item() == pytest.approx(1.0 + 4.0)
+    loss.backward()
+    assert aligned[0].grad.abs().sum() > 0 and peer_final.grad is None
+
+
+# ---- the block-wise modules ----
+@pytest.mark.parametrize("own_shape,peer_final,expected", [
+    ((16, 32, 32), (64, 8, 8), (64, 8, 8)),  # ResNet stage 1 -> peer's final: stride 4
+    ((32, 16, 16), (128, 8, 8), (128, 8, 8)),  # stride 2, to a wider peer
+    ((32, 14, 14), (64, 5, 5), (64, 5, 5)),  # ConvNet: no integer stride, the rest is pooled
+])
+def test_alignment_container_reaches_the_peers_final_shape(own_shape, peer_final, expected):
+    container = AlignmentContainer(own_shape, peer_final)
+    assert tuple(container(torch.randn(2, *own_shape)).shape[1:]) == expected
+    assert container.depthwise.groups == own_shape[0]  # depthwise, then pointwise (section 3.2)
+
+
+def test_mixed_pair_gets_an_adapter_on_the_wider_network_only():
+    shapes = [stage_shapes(build_model(name, 10), 32) for name in ("resnet20", "wrn_16_2")]
+    discriminators, blocks = build_block_modules(shapes)
+    assert [len(list(a.parameters())) for a in blocks[0].adapters] == [0, 0, 0]  # ResNet-20: 16/32/64 channels
+    assert all(len(list(a.parameters())) > 0 for a in blocks[1].adapters)  # WRN-16-2: 32/64/128 -> 16/32/64
+    assert [pair[0].sigma.out_channels for pair in discriminators.stages] == [8, 16, 32]  # sigma halves the channels
+    features = [torch.randn(2, *shape) for shape in shapes[1]]
+    adapted, aligned = blocks[1](features)
+    assert [tuple(a.shape[1:]) for a in adapted] == shapes[0]
+    assert all(tuple(a.shape[1:]) == shapes[0][-1] for a in aligned)  # WRN's stages -> ResNet-20's final map
+
+
+# ---- the steps: which parameters each one changes ----
+def tiny_pair(**flags):
+    """Two ConvNets, their block-wise modules and optimizers, a batch, and the step's arguments."""
+    torch.manual_seed(0)
+    options = dict(temperature=3.0, beta=1.0, kl_direction="peer_self", adversarial_loss="ce", sequential=False, no_kl=False,
+                   no_adversarial=False, no_alignment=False, lr=0.1, disc_lr=0.1, optimizer="sgd", momentum=0.9,
+                   weight_decay=5e-4, nesterov=False)
+    args = argparse.Namespace(**{**options, **flags})
+    nets = {name: build_model("convnet", 10) for name in ("peer1", "peer2")}
+    shapes = [stage_shapes(net, 32) for net in nets.values()]
+    discriminators, blocks = build_block_modules(shapes, not args.no_adversarial, not args.no_alignment)
+    optimizers = {name: make_optimizer([*net.parameters(), *blocks[j].parameters()], args) for j, (name, net) in enumerate(nets.items())}
+    if discriminators is not None:
+        optimizers["disc"] = make_optimizer(discriminators.parameters(), args, lr=args.disc_lr)
+    images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    return nets, blocks, discriminators, optimizers, images, targets, args
+
+
+def step(nets, blocks, discriminators, optimizers, images, targets, args):
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return amln_step(nets, blocks, discriminators, optimizers, images, targets, args, scaler, contextlib.nullcontext)
+
+
+def snapshot(*modules):
+    return [p.detach().clone() for module in modules for p in module.parameters()]
+
+
+def changed(before, *modules):
+    return [not torch.equal(old, new) for old, new in zip(before, (p for m in modules for p in m.parameters()))]
+
+
+def test_discriminator_step_changes_only_discriminator_parameters():
+    nets, blocks, discriminators, optimizers, images, targets, _ = tiny_pair()
+    others = [*nets.values(), *blocks]
+    before_others, before_disc = snapshot(*others), snapshot(discriminators)
+    adapted = [blocks[j](nets[name](images, return_features=True)[1])[0] for j, name in enumerate(nets)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    terms = discriminator_step(discriminators, adapted, optimizers["disc"], scaler, contextlib.nullcontext)
+    assert all(changed(before_disc, discriminators))  # sigma and all three convs of every D_j^b
+    assert not any(changed(before_others, *others))
+    assert all(p.grad is None for net in nets.values() for p in net.parameters())
+    assert {f"d_acc_peer{j}_stage{b}" for j in (1, 2) for b in (1, 2)} <= set(terms) and terms["d_acc_peer1_stage1"].dim() == 0
+
+
+def test_network_step_reaches_the_networks_through_the_discriminators_but_never_trains_them():
+    nets, blocks, discriminators, _, images, targets, args = tiny_pair(no_kl=True, no_alignment=True)
+    outputs = []
+    for j, name in enumerate(nets):
+        logits, features = nets[name](images, return_features=True)
+        outputs.append((logits, features[-1], *blocks[j](features)))
+    _, terms = peer_loss(0, outputs[0], outputs[1], discriminators, targets, args, contextlib.nullcontext)
+    terms["adv_peer1"].backward()  # L_D alone
+    assert all(p.grad is None for p in discriminators.parameters())
+    assert nets["peer1"].stages[0][0].weight.grad.abs().sum() > 0  # the adversarial gradient reaches stage 1
+    assert all(p.grad is None for p in nets["peer2"].parameters())
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_whole_iteration_changes_discriminators_only_through_their_optimizer(sequential):
+    """With the discriminators' lr at 0, an AMLN iteration leaves them unchanged while both peers learn."""
+    nets, blocks, discriminators, optimizers, images, targets, args = tiny_pair(sequential=sequential)
+    optimizers["disc"].param_groups[0]["lr"] = 0.0
+    before_disc, before_peers = snapshot(discriminators), [snapshot(net) for net in nets.values()]
+    terms = step(nets, blocks, discriminators, optimizers, images, targets, args)
+    assert not any(changed(before_disc, discriminators))
+    assert all(any(changed(before, net)) for before, net in zip(before_peers, nets.values()))
+    assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values())
+
+
+@pytest.mark.parametrize("flag,prefixes", [("no_kl", ("kl_",)), ("no_adversarial", ("adv_", "d_")), ("no_alignment", ("align_",))])
+def test_each_ablation_flag_removes_its_term(flag, prefixes):
+    """Table 6: each flag drops its loss terms (absent from the log) and the total is the sum of the rest."""
+    full = step(*tiny_pair())
+    removed = {name for name in full if name.startswith(prefixes)}
+    assert len(removed) >= 2
+    pair = tiny_pair(**{flag: True})
+    ablated = step(*pair)
+    assert set(ablated) == set(full) - removed
+    network_terms = [value * (pair[-1].beta if name.startswith("align") else 1) for name, value in ablated.items()
+                     if name.startswith(("ce_", "kl_", "adv_", "align_"))]
+    assert ablated["loss"].item() == pytest.approx(sum(network_terms).item(), rel=1e-5)
+    if flag == "no_adversarial":
+        assert pair[2] is None and "disc" not in pair[3]  # no discriminators at all
+
+
+# ---- the script end to end ----
+def read_summary(out_dir):
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def test_script_writes_checkpoint_summary_and_discriminator_accuracies(cifar10_small, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("amln.py", *TINY_RUN, "--dataset", cifar10_small, "--out-dir", out, isolated=True)
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["deployed"] == "peer1"
+    assert set(checkpoint["extra"]) == {"discriminators", "peer1_blocks", "peer2_blocks"} and "disc" in checkpoint["optimizers"]
+    summary = read_summary(out)
+    assert set(summary["networks"]) == {"peer1", "peer2"} and 0 <= summary["ensemble"]["top1"] <= 1
+    assert summary["deployed"] == summary["networks"]["peer1"]
+    losses = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["losses"]
+    assert {"loss", "d_loss", "ce_peer1", "kl_peer2", "adv_peer1", "align_peer2", "d_acc_peer2_stage2"} <= set(losses)
+    assert 0 <= losses["d_acc_peer1_stage1"] <= 1
+
+
+def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
+    common = [*TINY_RUN, "--epochs", "2", "--dataset", cifar10_small]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_script("amln.py", *common, "--out-dir", straight).returncode == 0
+    first = run_script("amln.py", *common, "--out-dir", split, "--stop-after", "1")
+    assert first.returncode == 0 and not (split / "summary.json").exists()
+    resumed = run_script("amln.py", "--resume", split)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_summary(straight), read_summary(split)
+    assert a["networks"] == b["networks"] and a["ensemble"] == b["ensemble"]
+    logs = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["losses"] for run in (straight, split)]
+    assert logs[0] == logs[1]  # the discriminators and their optimizer were restored too
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--models", "resnet20,resnet18"], "same number of stages"),
+    (["--models", "resnet20"], "--models"),
+    (["--temperature", "0"], "--temperature"),
+])
+def test_bad_input_gives_one_line_error(args, message, cifar10_small):
+    result = run_script("amln.py", *TINY_RUN, "--dataset", cifar10_small, *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
