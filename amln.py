@@ -37,7 +37,6 @@ Table 6 (ResNet-32 pair, CIFAR-10 / CIFAR-100): the same command plus
 A mixed pair (Table 3(b): WRN-16-2 75.88%, ResNet-32 74.65%): --models wrn_16_2,resnet32
 """
 import argparse
-import copy
 import json
 import math
 import os

@@ -26,7 +26,6 @@ B 80.15% `--single-network --branches 4`, C 80.97% `--branches 2 --fixed-weights
 Table 4 (two architectures): `--model resnet110_bottleneck --net2-model resnet56_bottleneck`.
 """
 import argparse
-import copy
 import json
 import math
 import os

@@ -17,7 +17,6 @@ Reproduce the ResNet-32 pair on CIFAR-100 (paper 003, Table 2(b): 69.71% alone, 
 A mixed cohort: python dml.py --models mobilenet,resnet32 --dataset cifar100
 """
 import argparse
-import copy
 import json
 import math
 import os

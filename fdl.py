@@ -33,7 +33,6 @@ report the final epoch; batch 128 and Nesterov as in their code):
 CIFAR-10 (94.93%): add --dataset cifar10 --fdl-lr 1e-4; ResNets: --head-lr 0.01.
 """
 import argparse
-import copy
 import json
 import math
 import os

@@ -37,7 +37,6 @@ Dynamic SiLa on MSDNet / CIFAR-100 (section 4.2: 300 epochs, batch 64, lr 0.1, /
 Budgeted batch (Fig. 4): --model msdnet5_lingrow --subset 45000, then `analysis.py msdnet RUN`.
 """
 import argparse
-import copy
 import json
 import math
 import os

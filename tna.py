@@ -19,7 +19,6 @@ ResNet-50 / ImageNet (Table 1: 76.61% -> 77.65%; Table 9: batch 256, lr 0.2, 90 
         --alpha 5e-4 --epochs 90 --lr 0.2 --weight-decay 1e-4
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -90,6 +89,8 @@ def parse_args(argv=None):
         parser.error("--freeze-twin needs --twin-checkpoint (a frozen random twin teaches nothing)")
     if args.reinit_stage is not None and args.twin_init != "copy":
         parser.error("--reinit-stage needs --twin-init copy")
+    if args.twin_init == "copy" and args.twin_model not in (None, args.model):
+        parser.error("--twin-init copy makes the twin a copy of the base: it cannot have another --twin-model")
     return args
 
 
@@ -113,8 +114,10 @@ def build_networks(args, num_classes, image_size):
     base = build_model(args.model, num_classes, image_size)
     twin = build_model(args.twin_model or args.model, num_classes, image_size)
     if args.twin_init == "copy":  # section 4.2: identical twins, optionally one stage re-initialised
-        twin = copy.deepcopy(base)
+        twin.load_state_dict(base.state_dict())
         if args.reinit_stage is not None:
+            if not 0 <= args.reinit_stage < len(twin.stages):
+                raise ValueError(f"--reinit-stage {args.reinit_stage}: {args.model} has stages 0 to {len(twin.stages) - 1}")
             for module in twin.stages[args.reinit_stage].modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()

@@ -59,3 +59,20 @@ def run_script(script, *args, timeout=600, env=None, launcher=None, isolated=Fal
 
 # A tiny, fast configuration every end-to-end test of a method script starts from.
 TINY_RUN = ["--model", "convnet", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--amp", "off", "--lr", "0.05"]
+
+
+def check_resume_equals_uninterrupted(script, common_args, tmp_path):
+    """Train 2 epochs straight, and 1 epoch + --resume for the 2nd; the final evaluations must be equal
+    (on CPU, exactly). Returns the two run folders (straight, split) for further checks."""
+    import json
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_script(script, *common_args, "--epochs", "2", "--out-dir", straight).returncode == 0
+    first = run_script(script, *common_args, "--epochs", "2", "--out-dir", split, "--stop-after", "1")
+    assert first.returncode == 0 and not (split / "summary.json").exists()
+    resumed = run_script(script, "--resume", split)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, split))
+    assert a["networks"] == b["networks"] and a["ensemble"] == b["ensemble"]
+    assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
+    return straight, split

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules, discriminator_loss,
                   discriminator_step, make_optimizer, outcome_loss, peer_loss, stage_shapes)
-from conftest import TINY_RUN, run_script
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, run_script
 from models import build_model
 
 
@@ -191,15 +191,7 @@ def test_script_writes_checkpoint_summary_and_discriminator_accuracies(cifar10_s
 
 
 def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
-    common = [*TINY_RUN, "--epochs", "2", "--dataset", cifar10_small]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_script("amln.py", *common, "--out-dir", straight).returncode == 0
-    first = run_script("amln.py", *common, "--out-dir", split, "--stop-after", "1")
-    assert first.returncode == 0 and not (split / "summary.json").exists()
-    resumed = run_script("amln.py", "--resume", split)
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = read_summary(straight), read_summary(split)
-    assert a["networks"] == b["networks"] and a["ensemble"] == b["ensemble"]
+    straight, split = check_resume_equals_uninterrupted("amln.py", [*TINY_RUN, "--dataset", cifar10_small], tmp_path)
     logs = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["losses"] for run in (straight, split)]
     assert logs[0] == logs[1]  # the discriminators and their optimizer were restored too
 

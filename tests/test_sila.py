@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, run_script
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, run_script
 from sila import mutual_kl, parse_args, sila_loss, training_loss
 
 
@@ -158,16 +158,7 @@ def test_msdnet_exits_write_checkpoint_and_summary(cifar10_small, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
-    common = [*TINY_RUN, *SMALL, "--epochs", "2", "--dataset", cifar10_small]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_script("sila.py", *common, "--out-dir", straight).returncode == 0
-    first = run_script("sila.py", *common, "--out-dir", split, "--stop-after", "1")
-    assert first.returncode == 0 and not (split / "summary.json").exists()
-    resumed = run_script("sila.py", "--resume", split)
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = read_summary(straight), read_summary(split)
-    assert a["networks"] == b["networks"] and a["ensemble"] == b["ensemble"]
-    assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
+    check_resume_equals_uninterrupted("sila.py", [*TINY_RUN, *SMALL, "--dataset", cifar10_small], tmp_path)
 
 
 @pytest.mark.parametrize("args,message", [

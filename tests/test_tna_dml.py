@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, run_script
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, run_script
 from dml import dml_loss
 from tna import tna_loss
 
@@ -105,16 +105,7 @@ def test_script_writes_checkpoint_and_summary(script, extra, cifar10_small, tmp_
 
 @pytest.mark.parametrize("script", ["tna.py", "dml.py"])
 def test_resumed_run_equals_uninterrupted_run(script, cifar10_small, tmp_path):
-    common = [*TINY_RUN, "--epochs", "2", "--dataset", cifar10_small]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_script(script, *common, "--out-dir", straight).returncode == 0
-    first = run_script(script, *common, "--out-dir", split, "--stop-after", "1")
-    assert first.returncode == 0 and not (split / "summary.json").exists()
-    resumed = run_script(script, "--resume", split)
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = read_summary(straight), read_summary(split)
-    assert a["networks"] == b["networks"] and a["ensemble"] == b["ensemble"]
-    assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
+    check_resume_equals_uninterrupted(script, [*TINY_RUN, "--dataset", cifar10_small], tmp_path)
 
 
 def test_torchrun_two_processes_on_cpu(cifar10_small, tmp_path):
