@@ -583,15 +583,9 @@ class MSDNet(nn.Module):
     def _init_weights(self):
         # He init (fan-out) as the authors' code intends; note their loop only visits the
         # top-level children of each block, so in their release PyTorch's defaults remain.
+        _kaiming_init(self)
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x, return_features=False):

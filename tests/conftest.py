@@ -16,12 +16,23 @@ SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"
 CIFAR10_SMALL = SHARED_DATA / "cifar10_small.npz"
 
 
-@pytest.fixture
-def cifar10_small():
+def require_cifar10_small():
     """Path to ../shared/data/cifar10_small.npz; skips the test when the folder is absent (a user's clone)."""
     if not CIFAR10_SMALL.exists():
         pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
     return CIFAR10_SMALL
+
+
+@pytest.fixture
+def cifar10_small():
+    return require_cifar10_small()
+
+
+def read_summary(out_dir):
+    """The summary.json a finished run writes."""
+    import json
+
+    return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
 def run_script(script, *args, timeout=600, env=None, launcher=None, isolated=False):
@@ -64,15 +75,13 @@ TINY_RUN = ["--model", "convnet", "--subset", "256", "--batch-size", "64", "--ep
 def check_resume_equals_uninterrupted(script, common_args, tmp_path):
     """Train 2 epochs straight, and 1 epoch + --resume for the 2nd; the final evaluations must be equal
     (on CPU, exactly). Returns the two run folders (straight, split) for further checks."""
-    import json
-
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_script(script, *common_args, "--epochs", "2", "--out-dir", straight).returncode == 0
     first = run_script(script, *common_args, "--epochs", "2", "--out-dir", split, "--stop-after", "1")
     assert first.returncode == 0 and not (split / "summary.json").exists()
     resumed = run_script(script, "--resume", split)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, split))
+    a, b = read_summary(straight), read_summary(split)
     assert a["networks"] == b["networks"] and a["ensemble"] == b["ensemble"]
     assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
     return straight, split

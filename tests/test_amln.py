@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules, discriminator_loss,
                   discriminator_step, make_optimizer, outcome_loss, peer_loss, stage_shapes)
-from conftest import TINY_RUN, check_resume_equals_uninterrupted, run_script
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script
 from models import build_model
 
 
@@ -171,10 +171,6 @@ def test_each_ablation_flag_removes_its_term(flag, prefixes):
 
 
 # ---- the script end to end ----
-def read_summary(out_dir):
-    return json.loads((out_dir / "summary.json").read_text())
-
-
 def test_script_writes_checkpoint_summary_and_discriminator_accuracies(cifar10_small, tmp_path):
     out = tmp_path / "run"
     result = run_script("amln.py", *TINY_RUN, "--dataset", cifar10_small, "--out-dir", out, isolated=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis import MinibatchCKA, branch_outputs, budgeted_batch_curve, exit_thresholds, linear_cka, main
-from conftest import CIFAR10_SMALL, REPO, TINY_RUN, run_script
+from conftest import CIFAR10_SMALL, REPO, TINY_RUN, require_cifar10_small, run_script
 
 
 # ---- linear CKA ----
@@ -129,8 +129,7 @@ def test_diversity_reaches_the_branches_of_a_css_network():
 # ---- every subcommand end to end, on a tiny TNA run ----
 @pytest.fixture(scope="module")
 def tna_run(tmp_path_factory):
-    if not CIFAR10_SMALL.exists():
-        pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
+    require_cifar10_small()
     out = tmp_path_factory.mktemp("analysis") / "tna_run"
     result = run_script("tna.py", *TINY_RUN, "--dataset", CIFAR10_SMALL, "--out-dir", out)
     assert result.returncode == 0, result.stderr
@@ -233,8 +232,7 @@ def test_msdnet_subcommand(tmp_path):
     from models import MODEL_NAMES
     if "msdnet5" not in MODEL_NAMES:
         pytest.skip("models.py does not build msdnet5 yet")
-    if not CIFAR10_SMALL.exists():
-        pytest.skip(f"{CIFAR10_SMALL} not found")
+    require_cifar10_small()
     out = tmp_path / "sila_msdnet"
     trained = run_script("sila.py", *TINY_RUN, "--model", "msdnet5", "--subset", "128", "--dataset", CIFAR10_SMALL, "--out-dir", out)
     assert trained.returncode == 0, trained.stderr

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import css
-from conftest import CIFAR10_SMALL, TINY_RUN, run_script
+from conftest import CIFAR10_SMALL, TINY_RUN, read_summary, require_cifar10_small, run_script
 from models import build_model
 
 # the end-to-end runs: TINY_RUN on 128 images (2 steps of 64)
@@ -158,15 +158,10 @@ def test_one_unmasked_branch_of_one_network_is_the_plain_backbone():
 
 
 # ---- the script end to end ----
-def read_summary(out_dir):
-    return json.loads((out_dir / "summary.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """Two epochs without interruption, shared by the output and resume tests (each run costs seconds)."""
-    if not CIFAR10_SMALL.exists():
-        pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
+    require_cifar10_small()
     out = tmp_path_factory.mktemp("css") / "straight"
     result = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", out, isolated=True)
     assert result.returncode == 0, result.stderr

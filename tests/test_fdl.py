@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, run_script
+from conftest import TINY_RUN, read_summary, require_cifar10_small, run_script
 from fdl import (ConvOutputRecorder, all_pairs_feature_difference_loss, feature_difference_loss, frozen_base_logits,
                  parse_args, similarity_loss)
 from models import build_model
@@ -90,15 +90,10 @@ def test_feature_difference_steps_move_the_features_apart():
 FDL_RUN = [*TINY_RUN, "--subset", "128", "--epochs", "3", "--pretrain-epochs", "2", "--num-nets", "3"]
 
 
-def read_summary(out_dir):
-    return json.loads((out_dir / "summary.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     from conftest import CIFAR10_SMALL
-    if not CIFAR10_SMALL.exists():
-        pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
+    require_cifar10_small()
     out = tmp_path_factory.mktemp("fdl") / "straight"
     result = run_script("fdl.py", *FDL_RUN, "--dataset", CIFAR10_SMALL, "--out-dir", out, isolated=True)
     assert result.returncode == 0, result.stderr

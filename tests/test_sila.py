@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, check_resume_equals_uninterrupted, run_script
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script
 from sila import mutual_kl, parse_args, sila_loss, training_loss
 
 
@@ -119,10 +119,6 @@ def test_sila_loss_rejects_betas_of_the_wrong_length():
 # ---- the script end to end ----
 SMALL = ["--subset", "128"]  # after TINY_RUN, so it wins
 MSDNET_RUN = ["--model", "msdnet5", "--subset", "16", "--batch-size", "8"]  # MSDNet costs ~0.25 s per image on 2 CPU cores
-
-
-def read_summary(out_dir):
-    return json.loads((out_dir / "summary.json").read_text())
 
 
 def run_and_read(out, *extra, dataset):

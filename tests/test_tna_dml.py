@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, check_resume_equals_uninterrupted, run_script
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script
 from dml import dml_loss
 from tna import tna_loss
 
@@ -84,10 +84,6 @@ def test_dml_kl_term_of_student_k_reaches_only_student_k():
 
 
 # ---- the scripts end to end ----
-def read_summary(out_dir):
-    return json.loads((out_dir / "summary.json").read_text())
-
-
 @pytest.mark.parametrize("script,extra", [("tna.py", ["--alpha", "5e-3"]), ("dml.py", []), ("dml.py", ["--sequential", "--num-students", "3"])])
 def test_script_writes_checkpoint_and_summary(script, extra, cifar10_small, tmp_path):
     out = tmp_path / "run"
