@@ -368,35 +368,32 @@ def main(args):
         for name, net in networks.items():
             net.train(name not in frozen)
         data.train.set_epoch(epoch)
-        loss_sums, first_bad_step, nonfinite = {}, torch.full((), -1, device=device), None
+        loss_sums, finite_steps = None, torch.zeros((), dtype=torch.long, device=device)
         epoch_start = time.perf_counter()
         for step, (images, labels) in enumerate(data.train):
             images = images.contiguous(memory_format=memory_format)
             terms = train_step(images, labels, epoch)
             for scheduler in schedulers.values():
                 scheduler.step()  # per iteration (SPEC 1)
+            # the loss terms stay on the device as one running sum, read once per epoch: no host sync per step
             values = torch.stack([value.detach().float() for value in terms.values()])
-            for name, value in zip(terms, values):
-                loss_sums[name] = loss_sums.get(name, 0) + value
-            # divergence check without a host sync per step: the device remembers the first bad step
-            step_nonfinite = ~values.isfinite()
-            nonfinite = step_nonfinite if nonfinite is None else nonfinite | step_nonfinite
-            first_bad_step = torch.where(step_nonfinite.any() & (first_bad_step < 0), step, first_bad_step)
-            if (step % 50 == 49 or step == steps_per_epoch - 1) and first_bad_step.item() >= 0:
-                bad_terms = ", ".join(name for name, bad in zip(terms, nonfinite.tolist()) if bad)
-                sys.stderr.write(f"{prog}: error: non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {first_bad_step.item()}; "
+            loss_sums = values if loss_sums is None else loss_sums + values
+            # a sum stays non-finite once a term was, so this counts the steps before the first bad one
+            finite_steps += loss_sums.isfinite().all()
+            if (step % 50 == 49 or step == steps_per_epoch - 1) and finite_steps.item() <= step:  # one sync per 50 steps
+                bad_terms = ", ".join(name for name, finite in zip(terms, loss_sums.isfinite().tolist()) if not finite)
+                sys.stderr.write(f"{prog}: error: non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {finite_steps.item() + 1}; "
                                  f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact\n")
                 sys.exit(3)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
-        losses = {name: (total / steps_per_epoch) for name, total in loss_sums.items()}
+        losses = loss_sums / steps_per_epoch
         if distributed:
-            for value in losses.values():
-                dist.all_reduce(value, op=dist.ReduceOp.AVG)
+            dist.all_reduce(losses, op=dist.ReduceOp.AVG)
         record = {"epoch": epoch + 1, "epochs": args.epochs, "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
-                  "losses": {name: value.item() for name, value in losses.items()},
+                  "losses": dict(zip(terms, losses.tolist())),
                   "images_per_s": steps_per_epoch * args.batch_size / epoch_time,
                   "eta_s": epoch_time * (args.epochs - epoch - 1)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:

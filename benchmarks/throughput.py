@@ -54,6 +54,56 @@ def parse_args():
 
 
 # ---- workers: one measurement each, in their own process ----
+def match_backend_flags(device):
+    """The CUDA backend settings every method script makes, so the floor runs under the same ones."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+class SyncCounter:
+    """On CUDA, counts the operations that make the host wait for the device (torch's sync debug
+    mode warns at each), by the line of the method script that called them. Elsewhere a no-op:
+    a CPU has nothing to wait for."""
+
+    def __init__(self, device):
+        import torch
+
+        self.enabled = device in ("auto", "cuda") and torch.cuda.is_available()
+        self.lines = {}
+
+    def __enter__(self):
+        import warnings
+
+        import torch
+
+        if self.enabled:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._records = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catcher.__exit__(*exc)
+            for record in self._records:
+                if "synchroniz" in str(record.message):
+                    where = f"{Path(record.filename).name}:{record.lineno}"
+                    self.lines[where] = self.lines.get(where, 0) + 1
+
+    def per_epoch(self, epochs):
+        """{script:line: syncs per epoch}, most frequent first; None where nothing was counted."""
+        if not self.enabled:
+            return None
+        return {where: count / epochs for where, count in sorted(self.lines.items(), key=lambda item: -item[1])}
+
+
 def peak_memory_mb(device):
     import torch
 
@@ -82,21 +132,23 @@ def run_method(job):
                 "--amp", job["amp"], "--device", job["device"], "--out-dir", out_dir, *job["flags"],
                 *METHOD_FLAGS.get(job["method"], [])]
         args = module.parse_args(argv)
-        profiler = None
+        profiler, sync_counter = None, SyncCounter(job["device"])
         if job.get("profile"):
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() and job["device"] != "cpu" else [])
             profiler = torch.profiler.profile(activities=activities)
             profiler.__enter__()
-        module.main(args)
+        with sync_counter:
+            module.main(args)
         top_ops = None
         if profiler:
             profiler.__exit__(None, None, None)
-            sort_key = "self_cuda_time_total" if len(profiler.activities) > 1 else "self_cpu_time_total"
+            sort_key = "self_device_time_total" if len(profiler.activities) > 1 else "self_cpu_time_total"
             top_ops = profiler.key_averages().table(sort_by=sort_key, row_limit=12)
         records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     device = torch.device("cuda" if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     return {"images_per_s": median_after_warmup([r["images_per_s"] for r in records]),
-            "peak_memory_mb": peak_memory_mb(device), "top_ops": top_ops}
+            "peak_memory_mb": peak_memory_mb(device), "top_ops": top_ops,
+            "syncs_per_epoch": sync_counter.per_epoch(epochs)}
 
 
 def run_floor(job):
@@ -108,6 +160,7 @@ def run_floor(job):
     from models import build_model
 
     device = torch.device("cuda" if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    match_backend_flags(device)
     torch.manual_seed(0)
     data = build_data(job["dataset"], job["data_dir"], job["batch_size"], device, subset=job["steps"] * job["batch_size"])
     model = build_model(job["model"], data.num_classes, data.image_size).to(device)
@@ -203,7 +256,10 @@ def main():
     for model in args.models.split(","):
         floors[model] = measure({**base, "kind": "floor", "model": model})
         for method in args.methods.split(","):
-            run = measure({**base, "kind": "method", "method": method, "model": model, "profile": method in args.profile.split(",")})
+            run = measure({**base, "kind": "method", "method": method, "model": model})
+            if method in args.profile.split(","):  # a run of its own: the profiler's overhead stays out of the timing
+                profiled = measure({**base, "kind": "method", "method": method, "model": model, "repeats": 1, "profile": True})
+                run["top_ops"] = profiled.get("top_ops") or profiled.get("error")
             floor = floors[model]
             row = {"method": method, "model": model, **{k: v for k, v in run.items() if k != "top_ops"}, "floor": floor}
             if "error" not in run and "error" not in floor:
@@ -217,6 +273,11 @@ def main():
             if run.get("top_ops"):
                 row["top_ops"] = run["top_ops"]
             results["methods"].append(row)
+    if any(row.get("syncs_per_epoch") is not None for row in results["methods"]):
+        print(f"\n# host-device synchronisations per epoch of {args.steps} steps (CUDA sync debug mode), by calling line")
+        for row in results["methods"]:
+            lines = ", ".join(f"{where} x{count:g}" for where, count in (row.get("syncs_per_epoch") or {}).items()) or "none"
+            print(f"{row['method']:6} {row['model']:10} {lines}")
     for row in results["methods"]:
         if row.get("top_ops"):
             print(f"\n# where the time goes: {row['method']} / {row['model']} (torch.profiler, self time)\n{row['top_ops']}")
