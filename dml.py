@@ -93,13 +93,14 @@ def dml_loss(logits_list, targets, temperature=1.0, kl_weight=1.0):
     KL is summed over classes, averaged over the batch; peers are detached, so loss k trains only
     student k. Returns (losses, cross_entropies, kls), three lists of K scalars, in fp32.
     """
-    log_probs = [F.log_softmax(logits.float() / temperature, dim=1) for logits in logits_list]
+    log_probs = [F.log_softmax(logits.float(), dim=1) for logits in logits_list]  # fp32 (SPEC 1)
+    soft_log_probs = log_probs if temperature == 1 else [F.log_softmax(logits.float() / temperature, dim=1) for logits in logits_list]
     losses, cross_entropies, kls = [], [], []
-    for k, logits in enumerate(logits_list):
-        peers = [lp.detach() for l, lp in enumerate(log_probs) if l != k]
-        kl = sum(F.kl_div(log_probs[k], peer, reduction="batchmean", log_target=True) for peer in peers) / len(peers)
-        kl = kl * temperature**2  # keeps the gradient scale independent of T (Hinton et al. 2015)
-        ce = F.cross_entropy(logits.float(), targets)
+    for k in range(len(logits_list)):
+        peers = [lp.detach() for l, lp in enumerate(soft_log_probs) if l != k]
+        # the mean over the K-1 peers, times T^2, which keeps the gradient scale independent of T (Hinton et al. 2015)
+        kl = sum(F.kl_div(soft_log_probs[k], peer, reduction="batchmean", log_target=True) for peer in peers) * (temperature**2 / len(peers))
+        ce = F.nll_loss(log_probs[k], targets)  # the cross-entropy, from the log-probabilities already at hand
         losses.append(ce + kl_weight * kl)
         cross_entropies.append(ce)
         kls.append(kl)

@@ -6,14 +6,29 @@ The floor of a method is the cost of training its networks alone: the same numbe
 single-network steps (forward, cross-entropy, backward, SGD step) of the same backbone, batch,
 precision and data loader. TNA, DML (K=2) and SiLa should stay within 1.10x of two networks'
 floor; FDL, AMLN and CSS do inherent extra work, so their ratio comes with torch.profiler's top
-operators to show where the time goes.
+operators (from a separate profiled run) to show where the time goes.
 
-Each measurement runs in a fresh worker process (so peak memory is its own): a method is run
-through its script's own `main()` for a few short epochs without evaluation, and images/s is the
-median over the epochs after the first (warm-up). Usage:
+What each column means:
+- ratio: a method's step time over n floor steps (n = its networks), both the median step time
+  over the epochs after a warm-up epoch. Steps are timed where the loader hands out each batch
+  (CUDA events on a GPU: device time, no host sync). The floor is measured before and after a
+  backbone's methods; their mean is used, and their drift is printed as the noise of the run.
+- ops ratio: tensor operations per step (views excluded) over n floor steps, counted by a torch
+  dispatch mode: free of timing noise, and the step time's lower bound where a small network
+  leaves a GPU waiting on the host (each operation is a kernel launch).
+- memory: CUDA max allocated, or the process's peak RSS on a CPU (each measurement runs in a
+  fresh process).
+- host syncs (CUDA only): operations that make the host wait for the device, counted per epoch
+  by the script line that calls them (torch.cuda.set_sync_debug_mode). Expected: the divergence
+  check's read every 50 steps and the epoch's one read of the summed losses.
+- data: the device-resident loader alone against torchvision's DataLoader (RandomCrop(32, 4) +
+  flip + ToTensor + Normalize, 0 and min(8, CPUs) persistent workers, delivered to the device),
+  and the loader's share of a bare step of the first backbone.
+
+Usage:
 
     python benchmarks/throughput.py                                   # CPU defaults, < 5 minutes on 2 cores
-    python benchmarks/throughput.py --models resnet18 --batch-size 256 --steps 50 --repeats 5 --compile   # a GPU
+    python benchmarks/throughput.py --models convnet,resnet20,resnet18 --steps 50 --repeats 5 --compile   # a GPU
 """
 import argparse
 import json
@@ -116,39 +131,125 @@ def median_after_warmup(values):
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
+class TimedLoader:
+    """A train loader that stamps the moment it hands out each batch, so the gap between two stamps
+    of one epoch is one whole training step (the step, its bookkeeping, the next batch). On CUDA the
+    stamps are CUDA events: device time, read after the run, with no host sync in between."""
+
+    def __init__(self, loader, device):
+        import torch
+
+        self.loader, self.epochs = loader, []  # one list of stamps per epoch
+        self.stamp = (lambda: torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else None
+
+    def __getattr__(self, name):  # set_epoch, num_samples, ...
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        stamps = []
+        self.epochs.append(stamps)
+        for batch in self.loader:
+            if self.stamp:
+                stamps.append(self.stamp())
+                stamps[-1].record()
+            else:
+                stamps.append(time.perf_counter())
+            yield batch
+
+    def step_seconds(self, warmup_epochs=1):
+        """The step times of every epoch after the warm-up ones (an epoch's last step has no end stamp)."""
+        import torch
+
+        if self.stamp:
+            torch.cuda.synchronize()
+        gap = (lambda a, b: a.elapsed_time(b) / 1000) if self.stamp else (lambda a, b: b - a)
+        return [gap(a, b) for stamps in self.epochs[warmup_epochs:] for a, b in zip(stamps, stamps[1:])]
+
+
+class OpCounter:
+    """Counts the tensor operations that compute (each one kernel launch or more on a GPU; views
+    and profiler marks are free and not counted): a noise-free measure of the per-step work a
+    method adds, which decides its speed where small networks leave a GPU waiting on the host."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.count += func.namespace == "aten" and not func.is_view
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def ops_per_step(train_one_epoch):
+    """Operations per training step: an epoch of 4 steps minus one of 2 (setup cancels), halved."""
+    counts = []
+    for steps in (2, 4):
+        with OpCounter() as counter:
+            train_one_epoch(steps)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / 2
+
+
 def run_method(job):
-    """Train `job["method"]` through its own main() for warm-up + repeats epochs, no evaluation."""
+    """Train `job["method"]` through its own main() for warm-up + repeats epochs, no evaluation;
+    its loader is wrapped in a TimedLoader, so every step is timed."""
     import importlib
 
     import torch
 
     module = importlib.import_module(job["method"])
-    epochs = job["repeats"] + 1
-    with tempfile.TemporaryDirectory() as out_dir:
+    device = torch.device("cuda" if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    timed = []
+
+    def build_timed_data(*args, **kwargs):
+        data = build_data(*args, **kwargs)
+        data.train = TimedLoader(data.train, device)
+        timed.append(data.train)
+        return data
+
+    build_data, module.build_data = module.build_data, build_timed_data
+
+    def train(epochs, steps, out_dir):
         # --stop-after epochs with --epochs epochs+1: the evaluation after the last epoch never runs
         argv = ["--model", job["model"], "--dataset", job["dataset"], "--data-dir", job["data_dir"],
-                "--subset", str(job["steps"] * job["batch_size"]), "--batch-size", str(job["batch_size"]),
+                "--subset", str(steps * job["batch_size"]), "--batch-size", str(job["batch_size"]),
                 "--epochs", str(epochs + 1), "--stop-after", str(epochs), "--eval-every", str(10**6),
-                "--amp", job["amp"], "--device", job["device"], "--out-dir", out_dir, *job["flags"],
+                "--amp", job["amp"], "--device", job["device"], "--out-dir", str(out_dir), *job["flags"],
                 *METHOD_FLAGS.get(job["method"], [])]
-        args = module.parse_args(argv)
+        module.main(module.parse_args(argv))
+
+    epochs = job["repeats"] + 1
+    with tempfile.TemporaryDirectory() as out_dir:
         profiler, sync_counter = None, SyncCounter(job["device"])
         if job.get("profile"):
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() and job["device"] != "cpu" else [])
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
             profiler = torch.profiler.profile(activities=activities)
             profiler.__enter__()
         with sync_counter:
-            module.main(args)
-        top_ops = None
+            train(epochs, job["steps"], out_dir)
         if profiler:
             profiler.__exit__(None, None, None)
-            sort_key = "self_device_time_total" if len(profiler.activities) > 1 else "self_cpu_time_total"
-            top_ops = profiler.key_averages().table(sort_by=sort_key, row_limit=12)
-        records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    device = torch.device("cuda" if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    return {"images_per_s": median_after_warmup([r["images_per_s"] for r in records]),
-            "peak_memory_mb": peak_memory_mb(device), "top_ops": top_ops,
-            "syncs_per_epoch": sync_counter.per_epoch(epochs)}
+            sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            return {"top_ops": profiler.key_averages().table(sort_by=sort_key, row_limit=12)}
+        step_seconds = statistics.median(timed[0].step_seconds())
+        # (compiled graphs are not dispatched op by op, so they are not counted)
+        operations = None if "--compile" in job["flags"] else ops_per_step(lambda steps: train(1, steps, Path(out_dir) / f"ops{steps}"))
+    return {"images_per_s": job["batch_size"] / step_seconds, "peak_memory_mb": peak_memory_mb(device),
+            "ops_per_step": operations, "syncs_per_epoch": sync_counter.per_epoch(epochs)}
 
 
 def run_floor(job):
@@ -162,7 +263,10 @@ def run_floor(job):
     device = torch.device("cuda" if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     match_backend_flags(device)
     torch.manual_seed(0)
-    data = build_data(job["dataset"], job["data_dir"], job["batch_size"], device, subset=job["steps"] * job["batch_size"])
+    loader = lambda steps: build_data(job["dataset"], job["data_dir"], job["batch_size"], device,  # noqa: E731
+                                      subset=steps * job["batch_size"])
+    data = loader(job["steps"])
+    train_loader = TimedLoader(data.train, device)
     model = build_model(job["model"], data.num_classes, data.image_size).to(device)
     memory_format = torch.channels_last if "--channels-last" in job["flags"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -170,28 +274,31 @@ def run_floor(job):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[job["amp"]]
     scaler = torch.amp.GradScaler(device.type, enabled=job["amp"] == "fp16")
-    rates, loader_rates = [], []
-    for epoch in range(job["repeats"] + 1):
-        data.train.set_epoch(epoch)
-        start = time.perf_counter()
-        for images, labels in data.train:
+
+    def train_epoch(batches):
+        for images, labels in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=job["amp"] != "off"):
                 loss = F.cross_entropy(trained(images.contiguous(memory_format=memory_format)), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+
+    loader_rates = []
+    for epoch in range(job["repeats"] + 1):
+        train_loader.set_epoch(epoch)
+        train_epoch(train_loader)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rates.append(data.train.num_samples / (time.perf_counter() - start))
         start = time.perf_counter()  # the loader alone, same epoch: its share of a training step
-        for images, labels in data.train:
+        for images, labels in train_loader.loader:
             pass
         if device.type == "cuda":
             torch.cuda.synchronize()
-        loader_rates.append(data.train.num_samples / (time.perf_counter() - start))
-    return {"images_per_s": median_after_warmup(rates), "loader_images_per_s": median_after_warmup(loader_rates),
-            "peak_memory_mb": peak_memory_mb(device)}
+        loader_rates.append(train_loader.num_samples / (time.perf_counter() - start))
+    return {"images_per_s": job["batch_size"] / statistics.median(train_loader.step_seconds()),
+            "loader_images_per_s": median_after_warmup(loader_rates), "peak_memory_mb": peak_memory_mb(device),
+            "ops_per_step": None if "--compile" in job["flags"] else ops_per_step(lambda steps: train_epoch(loader(steps).train))}
 
 
 def run_dataloader_baseline(job):
@@ -213,13 +320,18 @@ def run_dataloader_baseline(job):
         def __getitem__(self, index):
             return transform(dataset[index][0]), dataset[index][1]
 
+    device = torch.device(job["device"])
     loader = torch.utils.data.DataLoader(Transformed(), batch_size=job["batch_size"], shuffle=True, drop_last=True,
-                                         num_workers=job["workers"])
+                                         num_workers=job["workers"], persistent_workers=job["workers"] > 0,
+                                         pin_memory=device.type == "cuda")
     rates = []
     for _ in range(job["repeats"] + 1):
         start = time.perf_counter()
-        count = sum(len(batch_labels) for _, batch_labels in loader)
-        rates.append(count / (time.perf_counter() - start))
+        for batch_images, batch_labels in loader:  # delivered to the training device, as the device loader's are
+            batch_images, batch_labels = batch_images.to(device, non_blocking=True), batch_labels.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(len(loader) * job["batch_size"] / (time.perf_counter() - start))
     return {"images_per_s": median_after_warmup(rates)}
 
 
@@ -251,28 +363,38 @@ def main():
     print(f"# {machine}; batch {args.batch_size}, {args.amp}, {args.steps} steps x {args.repeats} epochs after warm-up")
 
     # ---- methods against their floor ----
-    print(f"{'method':6} {'model':10} {'img/s':>9} {'floor img/s':>11} {'ratio':>6} {'target':>6} {'mem MB':>8} {'floor MB':>8}")
+    print(f"{'method':6} {'model':10} {'img/s':>9} {'floor img/s':>11} {'ratio':>6} {'target':>6} {'ops/step':>9} "
+          f"{'ops ratio':>9} {'mem MB':>8} {'floor MB':>8}")
     floors = {}
     for model in args.models.split(","):
-        floors[model] = measure({**base, "kind": "floor", "model": model})
+        # the floor before and after the model's methods: their mean is the reference, their spread the noise
+        before = measure({**base, "kind": "floor", "model": model})
+        runs = {}
         for method in args.methods.split(","):
-            run = measure({**base, "kind": "method", "method": method, "model": model})
+            runs[method] = measure({**base, "kind": "method", "method": method, "model": model})
             if method in args.profile.split(","):  # a run of its own: the profiler's overhead stays out of the timing
                 profiled = measure({**base, "kind": "method", "method": method, "model": model, "repeats": 1, "profile": True})
-                run["top_ops"] = profiled.get("top_ops") or profiled.get("error")
-            floor = floors[model]
-            row = {"method": method, "model": model, **{k: v for k, v in run.items() if k != "top_ops"}, "floor": floor}
-            if "error" not in run and "error" not in floor:
+                runs[method]["top_ops"] = profiled.get("top_ops") or profiled.get("error")
+        after = measure({**base, "kind": "floor", "model": model})
+        floor = floors[model] = before if "error" in before or "error" in after else {
+            **before, "images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2,
+            "drift": after["images_per_s"] / before["images_per_s"] - 1}
+        for method, run in runs.items():
+            row = {"method": method, "model": model, **run, "floor": floor}
+            if "error" in run or "error" in floor:
+                print(f"{method:6} {model:10} error: {run.get('error') or floor.get('error')}")
+            else:
+                networks = NETWORKS_PER_METHOD[method]
                 # step time over the floor of all the method's networks: (1 / ips) / (n / floor_ips)
-                row["ratio"] = floor["images_per_s"] / (NETWORKS_PER_METHOD[method] * run["images_per_s"])
+                row["ratio"] = floor["images_per_s"] / (networks * run["images_per_s"])
+                row["ops_ratio"] = run["ops_per_step"] / (networks * floor["ops_per_step"])
                 target = TARGET_RATIO.get(method)
                 print(f"{method:6} {model:10} {run['images_per_s']:9.0f} {floor['images_per_s']:11.0f} {row['ratio']:6.2f} "
-                      f"{target or '-':>6} {run['peak_memory_mb']:8.0f} {floor['peak_memory_mb']:8.0f}")
-            else:
-                print(f"{method:6} {model:10} error: {run.get('error') or floor.get('error')}")
-            if run.get("top_ops"):
-                row["top_ops"] = run["top_ops"]
+                      f"{target or '-':>6} {run['ops_per_step']:9.0f} {row['ops_ratio']:9.2f} "
+                      f"{run['peak_memory_mb']:8.0f} {floor['peak_memory_mb']:8.0f}")
             results["methods"].append(row)
+        if "drift" in floor:
+            print(f"#  {model} floor drift over its methods' runs {100 * floor['drift']:+.1f}% (the noise of these ratios)")
     if any(row.get("syncs_per_epoch") is not None for row in results["methods"]):
         print(f"\n# host-device synchronisations per epoch of {args.steps} steps (CUDA sync debug mode), by calling line")
         for row in results["methods"]:
@@ -284,18 +406,23 @@ def main():
 
     # ---- the data path ----
     if args.dataset.endswith(".npz"):
-        workers = 0 if device == "cpu" else min(8, os.cpu_count())
-        baseline = measure({**base, "kind": "dataloader", "workers": workers})
         loader = floors[args.models.split(",")[0]]
-        if "error" not in baseline and "error" not in loader:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        baselines = {workers: measure({**base, "kind": "dataloader", "workers": workers}) for workers in sorted({0, min(8, cpus)})}
+        measured = {workers: run["images_per_s"] for workers, run in baselines.items() if "error" not in run}
+        if measured and "error" not in loader:
+            fastest = max(measured, key=measured.get)  # the target holds against the DataLoader's best
             results["data"] = {"device_loader_images_per_s": loader["loader_images_per_s"],
-                               "dataloader_images_per_s": baseline["images_per_s"], "dataloader_workers": workers,
-                               "speedup": loader["loader_images_per_s"] / baseline["images_per_s"],
+                               "dataloader_images_per_s_by_workers": measured, "dataloader_workers": fastest,
+                               "speedup": loader["loader_images_per_s"] / measured[fastest],
                                "loader_share_of_step": loader["images_per_s"] / loader["loader_images_per_s"]}
             d = results["data"]
-            print(f"\n# data: device loader {d['device_loader_images_per_s']:.0f} img/s, torchvision DataLoader ({workers} workers) "
-                  f"{d['dataloader_images_per_s']:.0f} img/s: {d['speedup']:.1f}x (target >= 10x on CPU); "
+            dataloader = ", ".join(f"{rate:.0f} img/s with {workers} workers" for workers, rate in measured.items())
+            print(f"\n# data: device loader {d['device_loader_images_per_s']:.0f} img/s; torchvision DataLoader {dataloader}: "
+                  f"{d['speedup']:.1f}x its best (target >= 10x on CPU); "
                   f"loader share of a {args.models.split(',')[0]} step {100 * d['loader_share_of_step']:.1f}% (target < 5%)")
+        else:
+            print(f"\n# data: {next((run['error'] for run in baselines.values() if 'error' in run), loader.get('error'))}")
 
     # ---- memory format and compilation (TNA, first backbone) ----
     variants = [["--channels-last"]] + ([["--compile"]] if args.compile else [])

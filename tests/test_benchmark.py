@@ -1,0 +1,60 @@
+"""benchmarks/throughput.py measures; these tests only check that what it counts is counted right and
+that it runs end to end (no timing is asserted: machines here are shared and noisy)."""
+import json
+import math
+import subprocess
+import sys
+
+import torch
+
+from benchmarks.throughput import OpCounter, TimedLoader, ops_per_step
+from conftest import REPO, require_cifar10_small
+
+
+def test_op_counter_counts_computing_operations_not_views():
+    x = torch.randn(4, 3)
+    with OpCounter() as counter:
+        y = x.view(12).unsqueeze(0).t()  # three views: free
+        z = (y * 2).sum()  # two kernels
+    assert counter.count == 2 and z.item() == 2 * x.sum().item()
+
+
+def test_ops_per_step_cancels_the_setup():
+    def epoch(steps):
+        torch.zeros(8).add_(1)  # setup: the same in both epochs
+        for _ in range(steps):
+            torch.ones(8).mul(3).exp()  # three per step
+    assert ops_per_step(epoch) == 3
+
+
+def test_timed_loader_times_the_steps_between_batches_after_warmup():
+    class Batches(list):
+        num_samples = 3
+
+    loader = TimedLoader(Batches([1, 2, 3]), torch.device("cpu"))
+    for _ in range(3):  # a warm-up epoch and two measured ones
+        assert list(loader) == [1, 2, 3]
+    assert len(loader) == 3 and loader.num_samples == 3
+    steps = loader.step_seconds()
+    assert len(steps) == 4 and all(seconds >= 0 for seconds in steps)  # 2 gaps in each measured epoch
+
+
+def test_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
+    dataset = require_cifar10_small()
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--methods", "tna,fdl",
+                             "--models", "convnet", "--steps", "2", "--repeats", "1", "--profile", "fdl",
+                             "--dataset", str(dataset), "--amp", "off", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    rows = {row["method"]: row for row in results["methods"]}
+    assert set(rows) == {"tna", "fdl"}
+    for row in rows.values():
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0 and row["peak_memory_mb"] > 0
+        assert row["ops_per_step"] > 0 and math.isfinite(row["floor"]["drift"])
+    # FDL runs four sub-steps, three with a backward: far more operations than TNA's one step of two networks
+    assert rows["fdl"]["ops_ratio"] > 2 * rows["tna"]["ops_ratio"]
+    assert "convolution" in rows["fdl"]["top_ops"] and "where the time goes: fdl" in result.stdout
+    assert results["data"]["speedup"] > 0 and 0 < results["data"]["loader_share_of_step"]
+    assert results["formats"][0]["flags"] == ["--channels-last"]
