@@ -270,7 +270,7 @@ def discriminator_step(discriminators, adapted, optimizer, scaler, autocast):
     on this batch, before its update."""
     stage_inputs = [torch.cat([first.detach(), second.detach()]) for first, second in zip(*adapted)]
     batch = len(adapted[0][0])
-    labels = torch.arange(2, device=stage_inputs[0].device).repeat_interleave(batch)
+    labels = torch.arange(2, device=stage_inputs[0].device).repeat_interleave(batch, output_size=2 * batch)  # known size: no sync
     with autocast():
         stage_logits = discriminators(stage_inputs)  # one forward: DDP all-reduces on the one backward
     loss, accuracies = discriminator_loss(stage_logits, labels)
@@ -396,8 +396,9 @@ def evaluate(predict, loader, autocast, distributed):
         for name, logits in outputs.items():
             logits = logits.float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            # sums stay on the device (torch.full, unlike torch.tensor, copies nothing from the host): no sync per batch
             batch = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
-                                 F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(len(labels), device=labels.device)]).double()
+                                 F.cross_entropy(logits, labels, reduction="sum"), torch.full((), len(labels), device=labels.device)]).double()
             sums[name] = sums[name] + batch if name in sums else batch
     results = {}
     for name, total in sums.items():
