@@ -436,6 +436,15 @@ def main():
         speedup = run["images_per_s"] / reference["images_per_s"]
         results["formats"].append({"flags": flags, "images_per_s": run["images_per_s"], "speedup": speedup})
         print(f"# tna {model} {' '.join(flags)}: {run['images_per_s']:.0f} img/s, {speedup:.2f}x the default")
+
+    # ---- the targets, met or not, in one place ----
+    checks = {f"{row['method']} {row['model']} step <= {TARGET_RATIO[row['method']]:.2f}x floor": row["ratio"] <= TARGET_RATIO[row["method"]]
+              for row in results["methods"] if row["method"] in TARGET_RATIO and "ratio" in row}
+    if results["data"]:
+        checks["device loader >= 10x the DataLoader" + (" (CPU target)" if device == "cuda" else "")] = results["data"]["speedup"] >= 10
+        checks["device loader < 5% of a step"] = results["data"]["loader_share_of_step"] < 0.05
+    results["targets"] = checks
+    print("\n# targets: " + "; ".join(f"{name}: {'met' if met else 'MISSED'}" for name, met in checks.items()))
     results["seconds"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\n# {results['seconds']:.0f} s; written to {args.out}")
