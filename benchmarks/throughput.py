@@ -20,7 +20,8 @@ What each column means:
   fresh process).
 - host syncs (CUDA only): operations that make the host wait for the device, counted per epoch
   by the script line that calls them (torch.cuda.set_sync_debug_mode). Expected: the divergence
-  check's read every 50 steps and the epoch's one read of the summed losses.
+  check's read every 50 steps (and at an epoch's last step), the epoch's one read of the summed
+  losses, and the checkpoint's copy to the host at the epoch's end; none per step.
 - data: the device-resident loader alone against torchvision's DataLoader (RandomCrop(32, 4) +
   flip + ToTensor + Normalize, 0 and min(8, CPUs) persistent workers, delivered to the device),
   and the loader's share of a bare step of the first backbone.
