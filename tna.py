@@ -42,7 +42,7 @@ METHOD = "tna"
 # ==== arguments: the common block is identical in every method file ====
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of the whole usage block
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
+        fail(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
@@ -147,6 +147,23 @@ def make_optimizer(params, args, lr=None):
     return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
 
 
+def fail(message, code=1):
+    """Stop with one line on stderr naming the script and what was wrong (never a traceback)."""
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    sys.exit(code)
+
+
+def backward_step(loss, scaler, *optimizers):
+    """Clear the gradients, backpropagate the (scaled) loss and step every optimizer; with fp16 the
+    GradScaler skips the step when a gradient overflowed."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+
+
 @torch.no_grad()
 def evaluate(predict, loader, autocast, distributed):
     """Top-1, top-5 and NLL of every output of `predict` (name -> logits) over the test set."""
@@ -174,7 +191,7 @@ def find_checkpoint(path):
     path = Path(path)
     checkpoint = path / "checkpoint.pt" if path.is_dir() else path
     if not checkpoint.is_file():
-        sys.exit(f"{Path(sys.argv[0]).name}: error: no checkpoint at {checkpoint} (give a run folder or a checkpoint.pt)")
+        fail(f"no checkpoint at {checkpoint} (give a run folder or a checkpoint.pt)")
     return checkpoint
 
 
@@ -211,7 +228,6 @@ def format_metrics(record):
 
 
 def main(args):
-    prog = Path(sys.argv[0]).name
     # ==== setup: distributed, device, seed, precision (identical in every method file) ====
     if args.resume:  # continue with the run's own arguments; only these may change
         checkpoint_path = find_checkpoint(args.resume)
@@ -231,7 +247,7 @@ def main(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     if args.amp == "fp16" and device.type != "cuda":
-        sys.exit(f"{prog}: error: --amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
+        fail("--amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -241,7 +257,7 @@ def main(args):
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         networks = build_networks(args, data.num_classes, data.image_size)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"{prog}: error: {error}")
+        fail(f"{error}")
     random.seed(args.seed + rank)  # from here on each rank draws its own random numbers
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -254,11 +270,11 @@ def main(args):
     if args.twin_checkpoint:  # Fig. 4: the twin starts from a trained network (the run's deployed one)
         teacher = torch.load(find_checkpoint(args.twin_checkpoint), map_location="cpu", weights_only=True)
         if teacher["deployed"] not in teacher["networks"]:  # e.g. FDL deploys a head over several networks
-            sys.exit(f"{prog}: error: --twin-checkpoint: that run deploys {teacher['deployed']!r}, not one network")
+            fail(f"--twin-checkpoint: that run deploys {teacher['deployed']!r}, not one network")
         try:
             networks["twin"].load_state_dict(teacher["networks"][teacher["deployed"]])
         except RuntimeError as error:
-            sys.exit(f"{prog}: error: --twin-checkpoint does not fit --twin-model {args.twin_model or args.model}: {str(error).splitlines()[0]}")
+            fail(f"--twin-checkpoint does not fit --twin-model {args.twin_model or args.model}: {str(error).splitlines()[0]}")
         if args.freeze_twin:
             frozen.add("twin")
             networks["twin"].requires_grad_(False)
@@ -311,10 +327,7 @@ def main(args):
             logits_twin = train_nets["twin"](images)
         alpha = args.alpha if epoch >= args.late_matching else 0.0
         loss, ce_base, ce_twin, match = tna_loss(logits_base, logits_twin, labels, alpha, args.match_reduction)
-        optimizers["main"].zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizers["main"])
-        scaler.update()
+        backward_step(loss, scaler, optimizers["main"])
         return {"loss": loss, "ce_base": ce_base, "ce_twin": ce_twin, "match": match}
 
     def predict(images):
@@ -341,9 +354,8 @@ def main(args):
             finite_steps += loss_sums.isfinite().all()
             if (step % 50 == 49 or step == steps_per_epoch - 1) and finite_steps.item() <= step:  # one sync per 50 steps
                 bad_terms = ", ".join(name for name, finite in zip(terms, loss_sums.isfinite().tolist()) if not finite)
-                sys.stderr.write(f"{prog}: error: non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {finite_steps.item() + 1}; "
-                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact\n")
-                sys.exit(3)
+                fail(f"non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {finite_steps.item() + 1}; "
+                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact", code=3)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - epoch_start

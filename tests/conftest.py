@@ -85,3 +85,12 @@ def check_resume_equals_uninterrupted(script, common_args, tmp_path):
     assert a["networks"] == b["networks"] and a["ensemble"] == b["ensemble"]
     assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
     return straight, split
+
+
+def parse_error(parse_args, argv, capsys):
+    """The one-line error a script's argument parser prints for `argv` (it must exit non-zero)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    message = capsys.readouterr().err.strip()
+    assert exit_info.value.code not in (0, None) and len(message.splitlines()) == 1, message
+    return message
