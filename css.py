@@ -80,21 +80,34 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    method = parser.add_argument_group("CSS (paper 004); the common defaults above follow its schedule: 300 epochs, 5 warm-up, x0.1 at 150 and 225, batch 128")
-    method.add_argument("--branches", type=int, default=3, help="branches m per network (section 4.1: m = 3); each owns a copy of the last stage")
+    method = parser.add_argument_group("CSS (Fan et al. 2022, arXiv:2203.11660)")
+    method.add_argument("--branches", type=int, default=3,
+                        help="branches m per network (section 4.1: m = 3); each owns a copy of the last stage")
     method.add_argument("--net2-model", default=None, help="architecture of network 2 (default: --model; Table 4)")
     method.add_argument("--temperature", type=float, default=3.0, help="distillation temperature T (eq. 7; T = 3 after ONE)")
+    method.add_argument("--mask-layout", default="authors", choices=MASK_LAYOUTS,
+                        help="authors: the authors' code's masks (branch 4 a one-pixel column, branches 5+ unmasked); "
+                             "grid: an h/4 x w/4 square of a 4x4 grid for every branch")
     method.add_argument("--no-mask", action="store_true", help="no feature masks before the branches (Table 5: without SD)")
-    method.add_argument("--no-joint-labels", action="store_true", help="K-way branch heads on plain labels; inference = mean of branch logits (Table 5: without TD)")
+    method.add_argument("--no-joint-labels", action="store_true",
+                        help="K-way branch heads on plain labels; inference = mean of branch logits (Table 5: without TD)")
     method.add_argument("--single-network", action="store_true", help="one network, CE only, no distillation (Table 5: without ND)")
-    method.add_argument("--fixed-weights", action="store_true", help="alpha_1 = alpha_2 = 1 instead of the CE ratios of eq. 5 (Table 5: without DW)")
-    method.add_argument("--no-detach", action="store_true", help="let gradients flow through the peer targets and the alphas (the authors' code)")
-    parser.set_defaults(epochs=300, warmup_epochs=5, schedule="multistep", milestones=[150, 225], batch_size=128, weight_decay=5e-4)  # the paper's protocol
+    method.add_argument("--fixed-weights", action="store_true",
+                        help="alpha_1 = alpha_2 = 1 instead of the CE ratios of eq. 5 (Table 5: without DW)")
+    method.add_argument("--no-detach", action="store_true",
+                        help="let gradients flow through the peer targets and the alphas, as the authors' code does")
+    # The protocol of the authors' code (train.py; the paper defers it to its supplementary material): ResNet-110,
+    # 300 epochs, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 warmed up over 5 epochs and x0.1 at the
+    # start of (1-based) epochs 150 and 225, which is after 149 and 224 finished epochs: --milestones counts
+    # finished epochs (the paper's section 4.2 also sees its diversity drop "at the 150th epoch").
+    parser.set_defaults(model="resnet110_bottleneck", epochs=300, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                        warmup_epochs=5, schedule="multistep", milestones=[149, 224], gamma=0.1)
     args = parser.parse_args(argv)
     if args.branches < 1:
         parser.error(f"--branches must be >= 1, got {args.branches}")
-    if args.branches > len(MASK_GRID_CELLS) and not args.no_mask:
-        parser.error(f"--branches {args.branches}: the masks come from a 4x4 grid, so at most {len(MASK_GRID_CELLS)} branches (or use --no-mask)")
+    if args.branches > len(MASK_GRID_CELLS) and args.mask_layout == "grid" and not args.no_mask:
+        parser.error(f"--branches {args.branches}: --mask-layout grid has {len(MASK_GRID_CELLS)} squares, so at most "
+                     f"{len(MASK_GRID_CELLS)} branches (or use --mask-layout authors, or --no-mask)")
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.single_network and args.net2_model:
@@ -103,29 +116,37 @@ def parse_args(argv=None):
 
 
 # ==== the method ====
-# Sample diversity (section 3.1): branch j's square in a 4x4 grid over the feature map, as
-# (row, column). The first four are the corners in the authors' order (top-left, bottom-right,
-# bottom-left, top-right); choice: branches 5..16 take the remaining squares in row-major order.
+# Sample diversity (section 3.1, eq. 1): branch j zeroes one region of the shared feature map, the same
+# region in every channel, in training and at test. Layout "grid": an h/4 x w/4 square of a 4x4 grid, the
+# four corners first in the authors' order (top-left, bottom-right, bottom-left, top-right), then the other
+# squares row by row (16 at most). Layout "authors" (the default) is the authors' code (PumpkinsLemon/CSS,
+# resnet_css.py `transform`) exactly: the same first three squares, but branch 4 zeroes a one-pixel column
+# (`mask[0:len, w - len] = 0`, a missing colon) and branches 5 and above are not masked at all.
+MASK_LAYOUTS = ("authors", "grid")
 CORNER_CELLS = [(0, 0), (3, 3), (3, 0), (0, 3)]
 MASK_GRID_CELLS = CORNER_CELLS + [(row, column) for row in range(4) for column in range(4) if (row, column) not in CORNER_CELLS]
 
 
-def mask_square(branch, height, width):
-    """(rows, columns) slices of the h/4 x w/4 square that branch j zeroes (section 3.1, eq. 1).
+def mask_region(branch, height, width, layout="authors"):
+    """(rows, columns) slices that branch j (0-based) zeroes, or None for an unmasked branch.
 
-    Squares lie on a 4x4 grid, flush with the edges; when h or w is not a multiple of 4 the side
-    is h // 4 and the grid's inner rows are spread evenly (choice: corners stay corners)."""
-    row, column = MASK_GRID_CELLS[branch]
+    Squares have side h // 4 (w // 4 across) and lie flush with the edges; when h or w is not a
+    multiple of 4 the grid's inner rows are spread evenly (choice: corners stay corners)."""
     side_h, side_w = height // 4, width // 4
+    if layout == "authors" and branch >= 3:
+        return (slice(0, side_h), slice(width - side_w, width - side_w + 1)) if branch == 3 else None
+    row, column = MASK_GRID_CELLS[branch]
     top, left = row * (height - side_h) // 3, column * (width - side_w) // 3
     return slice(top, top + side_h), slice(left, left + side_w)
 
 
-def mask_features(features, branch):
-    """F_j = A_j * F (eq. 1): the same square zeroed in every channel of a [B, C, H, W] map."""
-    rows, columns = mask_square(branch, features.shape[-2], features.shape[-1])
+def mask_features(features, branch, layout="authors"):
+    """F_j = A_j * F (eq. 1): branch j's region zeroed in every channel of a [B, C, H, W] map."""
+    region = mask_region(branch, features.shape[-2], features.shape[-1], layout)
+    if region is None:
+        return features
     mask = torch.ones(features.shape[-2:], device=features.device, dtype=features.dtype)
-    mask[rows, columns] = 0
+    mask[region] = 0
     return features * mask
 
 
@@ -228,12 +249,12 @@ class MultiBranchNet(torch.nn.Module):
     return_features=True) (aggregated logits, stage outputs) where the last stage's entry is branch
     1's output (choice: it corresponds to network 2's branch 1, like the KD pairs)."""
 
-    def __init__(self, backbones, num_classes, use_mask=True, joint_labels=True, image_size=32):
+    def __init__(self, backbones, num_classes, mask_layout="authors", joint_labels=True, image_size=32):
         super().__init__()
         first = backbones[0]
-        check_branchable(first, use_mask, image_size)
+        check_branchable(first, mask_layout is not None, image_size)
         self.num_branches, self.num_classes = len(backbones), num_classes
-        self.use_mask, self.joint_labels = use_mask, joint_labels
+        self.mask_layout, self.joint_labels = mask_layout, joint_labels
         head_outputs = num_classes * self.num_branches if joint_labels else num_classes
         if first.head.fc.out_features != head_outputs:
             raise ValueError(f"branch heads have {first.head.fc.out_features} outputs, CSS needs {head_outputs}")
@@ -258,7 +279,7 @@ class MultiBranchNet(torch.nn.Module):
         features = self.shared_forward(x)
         branch_logits, branch_outputs = [], []
         for j, (stage, head) in enumerate(zip(self.branch_stages, self.heads)):
-            output = stage(mask_features(features[-1], j) if self.use_mask else features[-1])
+            output = stage(mask_features(features[-1], j, self.mask_layout) if self.mask_layout else features[-1])
             branch_outputs.append(output)
             branch_logits.append(head(output))
         if return_branches:
@@ -276,7 +297,8 @@ def build_networks(args, num_classes, image_size):
         first = build_model(architecture, head_outputs, image_size)
         check_branchable(first, not args.no_mask, image_size)  # before building the other branches
         backbones = [first] + [build_model(architecture, head_outputs, image_size) for _ in range(args.branches - 1)]
-        networks[name] = MultiBranchNet(backbones, num_classes, not args.no_mask, not args.no_joint_labels, image_size)
+        mask_layout = None if args.no_mask else args.mask_layout
+        networks[name] = MultiBranchNet(backbones, num_classes, mask_layout, not args.no_joint_labels, image_size)
     return networks
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import css
 from conftest import CIFAR10_SMALL, TINY_RUN, read_summary, require_cifar10_small, run_script, parse_error
-from models import build_model
+from models import MODEL_NAMES, build_model
 
 # the end-to-end runs: TINY_RUN on 128 images (2 steps of 64)
 CSS_RUN = [*TINY_RUN, "--subset", "128"]
@@ -46,20 +46,33 @@ def test_branch_cross_entropy_uses_the_joint_labels_and_averages_branches():
     assert css.branch_cross_entropy(plain, targets, joint=False).item() == pytest.approx(expected_plain.item())
 
 
-# ---- sample diversity: the masks (section 3.1, SPEC 3) ----
+# ---- sample diversity: the masks (section 3.1, eq. 1) ----
 @pytest.mark.parametrize("branch,rows,columns", [(0, (0, 2), (0, 2)), (1, (6, 8), (6, 8)), (2, (6, 8), (0, 2)),
                                                  (3, (0, 2), (6, 8)), (4, (0, 2), (2, 4))])
-def test_mask_zeroes_exactly_its_square_in_every_channel(branch, rows, columns):
-    masked = css.mask_features(torch.ones(2, 3, 8, 8), branch)
+def test_grid_mask_zeroes_exactly_its_square_in_every_channel(branch, rows, columns):
+    masked = css.mask_features(torch.ones(2, 3, 8, 8), branch, "grid")
     expected = torch.ones(2, 3, 8, 8)
     expected[:, :, rows[0]:rows[1], columns[0]:columns[1]] = 0
     assert torch.equal(masked, expected)
 
 
-def test_masks_tile_the_4x4_grid_and_stay_flush_with_the_edges():
-    covered = sum(1 - css.mask_features(torch.ones(1, 1, 8, 8), j) for j in range(16))
+def test_grid_masks_tile_the_4x4_grid_and_stay_flush_with_the_edges():
+    covered = sum(1 - css.mask_features(torch.ones(1, 1, 8, 8), j, "grid") for j in range(16))
     assert torch.equal(covered, torch.ones(1, 1, 8, 8))  # 16 disjoint squares of side h/4
-    assert css.mask_square(1, 14, 14) == (slice(11, 14), slice(11, 14))  # h = 14: side 3, bottom-right corner
+    assert css.mask_region(1, 14, 14, "grid") == (slice(11, 14), slice(11, 14))  # h = 14: side 3, bottom-right corner
+
+
+def test_authors_masks_are_the_authors_code_branch_by_branch():
+    """PumpkinsLemon/CSS resnet_css.py `transform` on a 16x16 map (len = 4): three corner squares, then
+    `mask[0:len, w - len] = 0` (one column, 4 pixels) for branch 4, and no mask from branch 5 on."""
+    ones = torch.ones(1, 2, 16, 16)
+    for branch in range(3):  # the same corners as the grid
+        assert torch.equal(css.mask_features(ones, branch), css.mask_features(ones, branch, "grid"))
+    expected = ones.clone()
+    expected[:, :, 0:4, 12] = 0
+    assert torch.equal(css.mask_features(ones, 3), expected)
+    assert torch.equal(css.mask_features(ones, 4), ones) and torch.equal(css.mask_features(ones, 9), ones)
+    assert css.parse_args(["--branches", "17"]).mask_layout == "authors"  # any m: the extra branches are unmasked
 
 
 def test_branch_input_is_masked_in_training_and_at_test():
@@ -71,7 +84,7 @@ def test_branch_input_is_masked_in_training_and_at_test():
     for training in (True, False):
         net.train(training)
         net(images)
-    rows, columns = css.mask_square(1, 14, 14)  # convnet: the last stage reads a 14x14 map
+    rows, columns = css.mask_region(1, 14, 14)  # convnet: the last stage reads a 14x14 map
     for branch_input in seen:
         assert (branch_input[:, :, rows, columns] == 0).all()
         assert (branch_input != 0).float().mean() > 0.5
@@ -157,6 +170,31 @@ def test_one_unmasked_branch_of_one_network_is_the_plain_backbone():
     assert torch.equal(net(images), backbone(images))
 
 
+@pytest.mark.parametrize("model,count", [("resnet110_bottleneck", 3_116_244), ("wrn20_8", 17_508_308)])
+def test_bottleneck_networks_are_the_authors_branched_networks(model, count):
+    """Tables 1-2's ResNet-110 and WRN-20-8 as the authors build them for CSS (PumpkinsLemon/CSS resnet_css.py,
+    `resnet110` / `wide_resnet20_8(num_classes=100, branch=3)`, counted there): stem, layer1 and layer2 shared,
+    three copies of layer3 and of Linear(256, 300). Branch j reads layer2's 16x16 map with its region zeroed."""
+    if model not in MODEL_NAMES:
+        pytest.skip(f"{model} is not in models.py yet")
+    net = css.build_networks(css.parse_args(["--model", model, "--single-network"]), 100, 32)["net1"]
+    assert sum(p.numel() for p in net.parameters()) == count
+    seen = []
+    net.branch_stages[2].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        branch_logits = net.eval()(torch.randn(1, 3, 32, 32), return_branches=True)
+    assert len(branch_logits) == 3 and branch_logits[0].shape == (1, 300)
+    assert seen[0].shape[1:] == (128, 16, 16) and (seen[0][:, :, 12:, :4] == 0).all()  # branch 3: bottom-left
+
+
+def test_lr_drops_where_the_authors_code_drops_it():
+    """The authors' train.py multiplies the lr by 0.1 when its 1-based epoch counter reaches 150 and 225, so
+    the 150th epoch (0-based 149) already runs at 0.01; warm-up is over after 5 epochs."""
+    args, steps = css.parse_args([]), 10
+    factor_at = [css.lr_factor(epoch * steps, steps, args) for epoch in (5, 148, 149, 223, 224, 299)]
+    assert factor_at == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
 # ---- the script end to end ----
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
@@ -193,7 +231,8 @@ def test_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
 # ---- bad input ----
 @pytest.mark.parametrize("flags,message", [
     (["--branches", "0"], "--branches"),
-    (["--branches", "17"], "4x4 grid"),
+    (["--branches", "17", "--mask-layout", "grid"], "16 squares"),
+    (["--mask-layout", "random"], "--mask-layout"),
     (["--temperature", "0"], "--temperature"),
     (["--single-network", "--net2-model", "resnet20"], "--net2-model"),
 ])
