@@ -219,6 +219,13 @@ def shared_features(stem, shared_stages, x):
     return features
 
 
+def fp32_head(head, features):
+    """The classifier in fp32 even under autocast: bf16 logits carry ~0.4% rounding, as large as the two
+    networks' late-training differences that eq. 7's KL measures (choice, for every loss between networks)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.float())
+
+
 @torch.no_grad()
 def check_branchable(backbone, use_mask, image_size):
     """Fail at build time, with the reason, for a backbone CSS cannot split into a shared part and
@@ -281,7 +288,7 @@ class MultiBranchNet(torch.nn.Module):
         for j, (stage, head) in enumerate(zip(self.branch_stages, self.heads)):
             output = stage(mask_features(features[-1], j, self.mask_layout) if self.mask_layout else features[-1])
             branch_outputs.append(output)
-            branch_logits.append(head(output))
+            branch_logits.append(fp32_head(head, output))
         if return_branches:
             return branch_logits
         logits = self.aggregate(branch_logits)

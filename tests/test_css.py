@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import css
 from conftest import CIFAR10_SMALL, TINY_RUN, read_summary, require_cifar10_small, run_script, parse_error
-from models import MODEL_NAMES, build_model
+from models import MODEL_NAMES, Head, build_model
 
 # the end-to-end runs: TINY_RUN on 128 images (2 steps of 64)
 CSS_RUN = [*TINY_RUN, "--subset", "128"]
@@ -135,6 +135,49 @@ def test_single_network_loss_is_its_cross_entropy():
     logits_1, _ = two_networks_logits()
     total, terms = css.css_loss(logits_1, None, torch.tensor([0, 1, 2, 0, 1]))
     assert set(terms) == {"ce_net1"} and total is terms["ce_net1"]
+
+
+# ---- mixed precision: the terms between networks in fp32 ----
+class ExactBody(torch.nn.Module):
+    """A backbone whose stages pass their input on unchanged, so under bf16 autocast only the heads could round."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.stem, self.stages = torch.nn.Identity(), torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+        pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head, self.stage_channels, self.feature_dim = Head(pool, torch.nn.Linear(3, outputs)), [3, 3], 3
+
+
+def test_bf16_step_gives_the_fp32_losses_and_gradients():
+    """Two nearly identical networks (late training): their KL is smaller than bf16's rounding of a logit,
+    so it must be computed from fp32 logits; the CE, KL and alpha terms and the heads' gradients of a step
+    under bf16 autocast equal fp32's on a fixed batch (bf16 heads made the KL several times too large)."""
+    torch.manual_seed(0)
+    nets = [css.MultiBranchNet([ExactBody(20) for _ in range(2)], num_classes=10) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    with torch.no_grad():
+        for param in nets[1].heads.parameters():
+            param.mul_(1 + 1e-3 * torch.randn_like(param))
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+
+    def step(bf16):
+        for net in nets:
+            net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            branch_logits = [net(images, return_branches=True) for net in nets]
+        loss, terms = css.css_loss(*branch_logits, labels)
+        loss.backward()
+        return terms, [param.grad.clone() for net in nets for param in net.heads.parameters()]
+
+    (terms_32, grads_32), (terms_16, grads_16) = step(False), step(True)
+    assert terms_32["kd_net1"] < 1e-4  # the regime where bf16 rounding dominates
+    for name, value in terms_16.items():
+        assert value.dtype == torch.float32 and value.item() == pytest.approx(terms_32[name].item(), rel=1e-4), name
+    for grad_16, grad_32 in zip(grads_16, grads_32):
+        assert torch.allclose(grad_16, grad_32, rtol=1e-4, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a real backbone too: fp32 logits under autocast
+        logits = css.build_networks(css_args("--single-network"), 10, 32)["net1"](images[:2], return_branches=True)
+    assert logits[0].dtype == torch.float32
 
 
 # ---- the networks ----
