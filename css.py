@@ -1,29 +1,55 @@
-"""Channel Self-Supervision for online knowledge distillation (CSS), paper 004.
+"""CSS: Channel Self-Supervision for Online Knowledge Distillation (Fan, Cheng, Wang, Yang, Deng, Liu, Deng and
+Liu, arXiv:2203.11660, 2022).
 
-Two networks, each a shared stem and m branches that own a copy of the last stage and a K*m-way
-head, learn from each other: branch j sees the shared feature map with its own h/4 x w/4 square
-zeroed and learns the joint label y*m + j, so branches differ in input, target and parameters.
+Two networks, each a shared stem and m branches that own a copy of the last stage and a K*m-way head, learn from
+each other. Branch j sees the shared feature map F with its own region zeroed (sample diversity), learns the
+joint label y*m + j of the K*m classes (class, branch) (target diversity), and distils with branch j of the other
+network (network diversity). One training step (`train_step`; the objective term by term in `css_loss`):
 
-    L = CE_net1 + CE_net2 + T^2 (alpha_1 KD_net1 + alpha_2 KD_net2)                          (eq. 6-7)
-    CE_net = (1/m) sum_j CE(z_j, y*m + j)                                                  (eq. 2)
-    KD_net1 = (1/m) sum_j KL(softmax(z2_j / T) || softmax(z1_j / T)) on the K*m logits, T = 3
-    alpha_1 = CE_net1 / CE_net2, alpha_2 = 1 / alpha_1                                     (eq. 5)
-    inference: P_i = (1/m) sum_j z_j[i*m + j], softmax over the K classes                  (eq. 3-4)
+    z_j     = head_j(stage_j(A_j * F)), branch j's K*m joint logits; A_j zeroes its region   (eq. 1)
+    CE_net  = (1/m) sum_j CE(z_j, y*m + j): the CE of the joint softmax of eq. 2, as in eq. 5
+    alpha_1 = CE_net1 / CE_net2,  alpha_2 = 1 / alpha_1: the worse network learns more         (eq. 5)
+    KD_net1 = T^2 (1/m) sum_j KL(softmax(z2_j / T) || softmax(z1_j / T)) on all K*m logits, T = 3  (eq. 7)
+    L       = CE_net1 + CE_net2 + alpha_1 KD_net1 + alpha_2 KD_net2                            (eq. 6-7)
+    inference: P_i = (1/m) sum_j z_j[i*m + j], softmax over the K classes                      (eq. 3-4)
 
-Details from the authors' code (SPEC.md section 3): the mask zeroes 1/16 of each channel (the
-paper's text says a quarter), in training and at test; CE and KD are averaged over branches (eq.
-7 writes sums). Choice: the peer targets and the alphas are detached (a weight is not a learning
-signal); `--no-detach` reproduces the authors' code. Deployed: network 1's aggregated prediction;
-network 2, the two-network ensemble (mean of both P) and every branch are reported too.
+Network 1's P is deployed; network 2, the two-network ensemble (mean of both P) and each branch are reported.
+Defaults: the authors' code's protocol (the paper defers it to its supplementary material; see parse_args).
 
-Paper protocol (the script's defaults): 300 epochs, 5 warm-up epochs, lr x0.1 at epochs 150 and
-225, batch 128, weight decay 5e-4. Reproduce Table 1's ResNet-110 / CIFAR-100 row (paper, mean of
-runs: 76.21% baseline, 80.71% CSS, 81.56% ensemble of the two networks):
-    python css.py --model resnet110_bottleneck --dataset cifar100
-    python css.py --model resnet110_bottleneck --dataset cifar100 --single-network --branches 1 --no-mask   # baseline
-Table 5 (ResNet-110, ablation): A 79.88% `--single-network --branches 4 --no-joint-labels`,
-B 80.15% `--single-network --branches 4`, C 80.97% `--branches 2 --fixed-weights`, D 81.27% `--branches 2`.
-Table 4 (two architectures): `--model resnet110_bottleneck --net2-model resnet56_bottleneck`.
+Reproduce Table 1's ResNet-110 / CIFAR-100 row (paper: "Ours" 80.71 +- 0.17, "Ensemble" 81.56 +- 0.34):
+    python css.py --dataset cifar100 --model resnet110_bottleneck --no-detach
+"Ours" is the mean of the two networks (Table 4's 110/110 row: 80.65 and 80.76) and, as the authors' train.py
+prints it, each network's best test-epoch top-1 (selected on the test set); mean +- std over runs, their number
+not stated. Compare the mean over seeds of net1's and net2's `best` top-1 in summary.json, and the ensemble's
+best epoch with "Ensemble"; `deployed` (net1 at the last epoch) is this repository's headline.
+Other rows, the flags added to that command:
+    Table 1 baseline 76.21: --single-network --branches 1 --no-mask;  WRN20-8 81.12 / 81.40: --model wrn20_8
+    Table 2 (branches of both networks ensembled: `ensemble`): 2x2 81.27 --branches 2;  2x3 81.56 (as above)
+    Table 4: --net2-model resnet56_bottleneck (net1 80.29, net2 78.70, ensemble 80.54)
+    Table 5, all branches ensembled (net1's P for A-B, `ensemble` for C-D; backbone 76.21 as in Table 1):
+      A 79.88 --single-network --branches 4 --no-joint-labels;  B 80.15 --single-network --branches 4
+      C 80.97 --branches 2 --fixed-weights;  D 81.27 --branches 2
+
+Paper vs code (the paper says / the code does / why / the flag for the printed reading):
+- Masks: "randomly discard" (section 3.1), "stochastically masks" (section 1) / a fixed region per branch, in
+  training and at test / the authors' code; eq. 3-4 and the joint labels need each branch's mask known / none.
+- Mask size: "discard a quarter of the information in each channel" / an h/4 x w/4 square, 1/16 of the map /
+  the authors' code (`len = h // 4`) / none.
+- Fourth mask: silent (non-overlapping masks) / branch 4 zeroes a one-pixel column of h/4 pixels, branches 5
+  and above nothing / the authors' code (`mask[0:len, w - len]`), on which Table 5 A-B (4 branches) ran /
+  `--mask-layout grid`: an h/4 square of a 4x4 grid for every branch (the top-right corner for branch 4).
+- Sums over branches: eq. 5-7 sum over the m branches / CE and KD are averaged (alpha is unchanged, L is 1/m of
+  the sum) / the authors' code / none.
+- KL order: eq. 7 writes KL(logits_net1, logits_net2) in network 1's term / KL(P_net2 || P_net1): the peer is
+  the target / the authors' code, F.kl_div(log P_net1, P_net2), whose argument order the notation follows / none.
+- Gradients: silent / the peer's probabilities and the alphas are detached (choice: a target and a weight are
+  not learning signals; through alpha_1, minimising alpha_1 KD_net1 pushes CE_net2 up) / the authors' code
+  detaches nothing, and the printed numbers come from it / `--no-detach`, used in every command above.
+- Warm-up: silent / lr rises linearly per step to 0.1 over 5 epochs (mean 0.05) / the schedule all six scripts
+  share; the authors' code holds 0.1 * E / 5 through each epoch E = 1..5 (mean 0.06) / none.
+- ResNet-110: He et al. (2016), whose CIFAR ResNet-110 has 54 basic blocks (1.7M parameters) / 36 bottleneck
+  blocks, also 110 layers (1.17M) / the authors' code (from ONE's and OKDDip's) trains ResNet(Bottleneck,
+  [12, 12, 12]), so the printed numbers are that network's / `--model resnet110` (likewise ResNet-56).
 """
 import argparse
 import json
@@ -84,14 +110,18 @@ def parse_args(argv=None):
     method.add_argument("--branches", type=int, default=3,
                         help="branches m per network (section 4.1: m = 3); each owns a copy of the last stage")
     method.add_argument("--net2-model", default=None, help="architecture of network 2 (default: --model; Table 4)")
-    method.add_argument("--temperature", type=float, default=3.0, help="distillation temperature T (eq. 7; T = 3 after ONE)")
+    method.add_argument("--temperature", type=float, default=3.0,
+                        help="distillation temperature T (eq. 7; T = 3 after ONE)")
     method.add_argument("--mask-layout", default="authors", choices=MASK_LAYOUTS,
                         help="authors: the authors' code's masks (branch 4 a one-pixel column, branches 5+ unmasked); "
                              "grid: an h/4 x w/4 square of a 4x4 grid for every branch")
-    method.add_argument("--no-mask", action="store_true", help="no feature masks before the branches (Table 5: without SD)")
+    method.add_argument("--no-mask", action="store_true",
+                        help="no feature masks before the branches (Table 5: without SD)")
     method.add_argument("--no-joint-labels", action="store_true",
-                        help="K-way branch heads on plain labels; inference = mean of branch logits (Table 5: without TD)")
-    method.add_argument("--single-network", action="store_true", help="one network, CE only, no distillation (Table 5: without ND)")
+                        help="K-way branch heads on plain labels; inference = mean of branch logits "
+                             "(Table 5: without TD)")
+    method.add_argument("--single-network", action="store_true",
+                        help="one network, CE only, no distillation (Table 5: without ND)")
     method.add_argument("--fixed-weights", action="store_true",
                         help="alpha_1 = alpha_2 = 1 instead of the CE ratios of eq. 5 (Table 5: without DW)")
     method.add_argument("--no-detach", action="store_true",
@@ -100,8 +130,8 @@ def parse_args(argv=None):
     # 300 epochs, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 warmed up over 5 epochs and x0.1 at the
     # start of (1-based) epochs 150 and 225, which is after 149 and 224 finished epochs: --milestones counts
     # finished epochs (the paper's section 4.2 also sees its diversity drop "at the 150th epoch").
-    parser.set_defaults(model="resnet110_bottleneck", epochs=300, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                        warmup_epochs=5, schedule="multistep", milestones=[149, 224], gamma=0.1)
+    parser.set_defaults(model="resnet110_bottleneck", epochs=300, batch_size=128, lr=0.1, momentum=0.9,
+                        weight_decay=5e-4, warmup_epochs=5, schedule="multistep", milestones=[149, 224], gamma=0.1)
     args = parser.parse_args(argv)
     if args.branches < 1:
         parser.error(f"--branches must be >= 1, got {args.branches}")
@@ -124,7 +154,8 @@ def parse_args(argv=None):
 # (`mask[0:len, w - len] = 0`, a missing colon) and branches 5 and above are not masked at all.
 MASK_LAYOUTS = ("authors", "grid")
 CORNER_CELLS = [(0, 0), (3, 3), (3, 0), (0, 3)]
-MASK_GRID_CELLS = CORNER_CELLS + [(row, column) for row in range(4) for column in range(4) if (row, column) not in CORNER_CELLS]
+MASK_GRID_CELLS = CORNER_CELLS + [(row, column) for row in range(4) for column in range(4)
+                                  if (row, column) not in CORNER_CELLS]
 
 
 def mask_region(branch, height, width, layout="authors"):
@@ -162,7 +193,8 @@ def branch_class_logits(logits, branch, num_branches):
 
 def aggregate_logits(branch_logits, num_branches):
     """Aggregated inference (eq. 3-4): P_i = (1/m) sum_j z_j[i*m + j]; list of [B, K*m] -> [B, K]."""
-    return torch.stack([branch_class_logits(logits, j, num_branches) for j, logits in enumerate(branch_logits)]).mean(0)
+    return torch.stack([branch_class_logits(logits, j, num_branches)
+                        for j, logits in enumerate(branch_logits)]).mean(0)
 
 
 def branch_cross_entropy(branch_logits, targets, joint=True):
@@ -177,7 +209,8 @@ def distillation_loss(self_branch_logits, peer_branch_logits, temperature=3.0, d
     """One network's KD term of eq. 7: T^2 * (1/m) sum_j KL(softmax(z_peer_j / T) || softmax(z_self_j / T)).
 
     Branch j learns from the peer's branch j (same mask, same joint labels) on all K*m logits; KL is
-    summed over classes and averaged over the batch; averaged over branches (authors' code). fp32."""
+    summed over classes and averaged over the batch; averaged over branches (authors' code). fp32. The peer
+    is detached by default (choice: it is the target); detach_peer=False: the authors' code."""
     total = 0.0
     for self_logits, peer_logits in zip(self_branch_logits, peer_branch_logits):
         peer_log_probs = F.log_softmax(peer_logits.float() / temperature, dim=1)
@@ -189,24 +222,32 @@ def distillation_loss(self_branch_logits, peer_branch_logits, temperature=3.0, d
 
 def dynamic_weights(ce_net1, ce_net2, detach=True):
     """Eq. 5: alpha_1 = CE_net1 / CE_net2 weighs network 1's KD term, alpha_2 = 1 / alpha_1: the
-    network with the higher loss learns more from its peer. Detached by default (choice)."""
+    network with the higher loss learns more from its peer. Detached by default (choice: a weight is not a
+    learning signal, and through it minimising alpha_1 KD_net1 pushes CE_net2 up); detach=False: the authors'
+    code."""
     alpha_1 = ce_net1 / ce_net2
     alpha_1 = alpha_1.detach() if detach else alpha_1
     return alpha_1, 1 / alpha_1
 
 
-def css_loss(branch_logits_1, branch_logits_2, targets, temperature=3.0, joint=True, fixed_weights=False, detach=True):
-    """Eq. 6-7 for two networks (lists of per-branch logits); with branch_logits_2 None, network 1's
-    CE alone (Table 5's single-network cases). Returns (total, dict of the terms)."""
-    ce_1 = branch_cross_entropy(branch_logits_1, targets, joint)
+def css_loss(branch_logits_1, branch_logits_2, targets, temperature=3.0, joint=True, fixed_weights=False,
+             detach=True):
+    """The objective of eq. 6-7 from two networks' lists of per-branch logits, term by term, in fp32.
+    With branch_logits_2 None, network 1's CE alone (Table 5 A-B). Returns (total, dict of the terms)."""
+    ce_1 = branch_cross_entropy(branch_logits_1, targets, joint)  # eq. 2 and 5: each branch on its joint labels
     if branch_logits_2 is None:
         return ce_1, {"ce_net1": ce_1}
     ce_2 = branch_cross_entropy(branch_logits_2, targets, joint)
+    if fixed_weights:  # Table 5 C: both distillation terms weighted 1
+        alpha_1, alpha_2 = torch.ones_like(ce_1), torch.ones_like(ce_2)
+    else:  # eq. 5: the network with the larger CE learns more from its peer
+        alpha_1, alpha_2 = dynamic_weights(ce_1, ce_2, detach)
+    # eq. 7: branch j of each network learns from branch j of the other (same mask, same joint labels)
     kd_1 = distillation_loss(branch_logits_1, branch_logits_2, temperature, detach_peer=detach)
     kd_2 = distillation_loss(branch_logits_2, branch_logits_1, temperature, detach_peer=detach)
-    alpha_1, alpha_2 = (torch.ones_like(ce_1), torch.ones_like(ce_2)) if fixed_weights else dynamic_weights(ce_1, ce_2, detach)
-    total = ce_1 + ce_2 + alpha_1 * kd_1 + alpha_2 * kd_2
-    return total, {"ce_net1": ce_1, "ce_net2": ce_2, "kd_net1": kd_1, "kd_net2": kd_2, "alpha_net1": alpha_1, "alpha_net2": alpha_2}
+    total = ce_1 + ce_2 + alpha_1 * kd_1 + alpha_2 * kd_2  # eq. 6
+    return total, {"ce_net1": ce_1, "ce_net2": ce_2, "kd_net1": kd_1, "kd_net2": kd_2,
+                   "alpha_net1": alpha_1, "alpha_net2": alpha_2}
 
 
 def shared_features(stem, shared_stages, x):
@@ -231,8 +272,8 @@ def check_branchable(backbone, use_mask, image_size):
     """Fail at build time, with the reason, for a backbone CSS cannot split into a shared part and
     branched last stages, or whose shared feature map cannot be masked (not [B, C, H, W], H or W < 4)."""
     if not all(hasattr(backbone, part) for part in ("stem", "stages", "head")) or len(backbone.stages) < 2:
-        raise ValueError(f"CSS needs a backbone of a stem, at least 2 stages and one head to branch its last stage; "
-                         f"{type(backbone).__name__} is not one (a multi-exit MSDNet cannot be split this way)")
+        raise ValueError(f"CSS needs a backbone of a stem, at least 2 stages and one head to branch its last "
+                         f"stage; {type(backbone).__name__} is not one (a multi-exit MSDNet cannot be split this way)")
     if not use_mask:
         return
     was_training = backbone.training
@@ -240,8 +281,8 @@ def check_branchable(backbone, use_mask, image_size):
     shared = shared_features(backbone.stem, backbone.stages[:-1], torch.zeros(1, 3, image_size, image_size))[-1]
     backbone.train(was_training)
     if shared.dim() != 4 or min(shared.shape[-2:]) < 4:
-        raise ValueError(f"CSS masks a square of the feature map entering the last stage, which needs shape [B, C, H, W] "
-                         f"with H, W >= 4; this backbone gives {list(shared.shape)} (try --no-mask)")
+        raise ValueError(f"CSS masks a square of the feature map entering the last stage, which needs shape "
+                         f"[B, C, H, W] with H, W >= 4; this backbone gives {list(shared.shape)} (try --no-mask)")
 
 
 class MultiBranchNet(torch.nn.Module):
@@ -298,7 +339,9 @@ class MultiBranchNet(torch.nn.Module):
 def build_networks(args, num_classes, image_size):
     """The networks this method trains and evaluates, by name (analysis.py rebuilds runs with it)."""
     head_outputs = num_classes * args.branches if not args.no_joint_labels else num_classes
-    architectures = {"net1": args.model} if args.single_network else {"net1": args.model, "net2": args.net2_model or args.model}
+    architectures = {"net1": args.model}
+    if not args.single_network:
+        architectures["net2"] = args.net2_model or args.model
     networks = {}
     for name, architecture in architectures.items():
         first = build_model(architecture, head_outputs, image_size)
@@ -452,8 +495,9 @@ def main(args):
 
     # ==== the method's networks, optimizers and frozen parts ====
     frozen = set()
-    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}  # both networks step together (SPEC 1)
-    extra_modules = {}  # trainable parts that are not networks (heads, discriminators): none here (the heads belong to the branches)
+    # one SGD over both networks: the authors' two optimizers have the same settings and step on the same loss
+    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}
+    extra_modules = {}  # trainable parts that are not networks: none here (the heads belong to the branches)
     constant_lr = set()  # optimizers that do not follow the main schedule: none here
 
     # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
@@ -494,11 +538,14 @@ def main(args):
 
     # ==== the method's training step and evaluation outputs ====
     def train_step(images, labels, epoch):
-        """One CSS step (eq. 6-7) on a batch: both networks, every branch, one forward each."""
+        """One CSS step on a batch: each network forwards once, every branch masking the shared map and
+        scoring the K*m joint classes (eq. 1-2, MultiBranchNet.forward); css_loss gives eq. 5-7 in fp32
+        (CE per network, alpha_1 = CE_1 / CE_2, the KL of each branch pair both ways); both networks step."""
         with autocast():
             branch_logits = {name: net(images, return_branches=True) for name, net in train_nets.items()}
         loss, terms = css_loss(branch_logits["net1"], branch_logits.get("net2"), labels, args.temperature,
-                               joint=not args.no_joint_labels, fixed_weights=args.fixed_weights, detach=not args.no_detach)
+                               joint=not args.no_joint_labels, fixed_weights=args.fixed_weights,
+                               detach=not args.no_detach)
         backward_step(loss, scaler, optimizers["main"])
         return {"loss": loss, **terms}
 
@@ -508,9 +555,10 @@ def main(args):
             branch_logits = net(images, return_branches=True)
             aggregated.append(net.aggregate(branch_logits))
             outputs[name] = aggregated[-1]
-            outputs.update({f"{name}_branch{j + 1}": net.branch_prediction(logits, j) for j, logits in enumerate(branch_logits)})
+            outputs.update({f"{name}_branch{j + 1}": net.branch_prediction(logits, j)
+                            for j, logits in enumerate(branch_logits)})
         if len(aggregated) > 1:
-            outputs["ensemble"] = torch.stack(aggregated).mean(0)  # the two-network ensemble averages both P (section 4.1)
+            outputs["ensemble"] = torch.stack(aggregated).mean(0)  # the two networks' ensemble: mean of both P (4.1)
         return outputs
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)

@@ -1,6 +1,6 @@
-"""CSS (paper 004): joint labels and aggregated inference against hand-computed values, the masks,
-the dynamically weighted distillation, the multi-branch network, and the script end to end
-(outputs, resume, bad input)."""
+"""CSS (Fan et al. 2022, arXiv:2203.11660): joint labels and aggregated inference against hand-computed values,
+the masks and the networks against the authors' code, the dynamically weighted distillation, fp32 terms under
+bf16, the lr schedule, and the script end to end (outputs, resume, bad input)."""
 import argparse
 import json
 import math
@@ -116,7 +116,7 @@ def test_distillation_weights_are_the_ce_ratios():
     assert terms["alpha_net2"].item() == pytest.approx(1 / alpha.item())
     expected = terms["ce_net1"] + terms["ce_net2"] + alpha * terms["kd_net1"] + terms["kd_net2"] / alpha
     assert total.item() == pytest.approx(expected.item())
-    assert not terms["alpha_net1"].requires_grad  # detached by default (SPEC's choice)
+    assert not terms["alpha_net1"].requires_grad  # detached by default (choice: a weight, not a learning signal)
     _, fixed = css.css_loss(logits_1, logits_2, targets, fixed_weights=True)
     assert fixed["alpha_net1"].item() == fixed["alpha_net2"].item() == 1.0
     _, undetached = css.css_loss(logits_1, logits_2, targets, detach=False)
@@ -244,7 +244,8 @@ def straight_run(tmp_path_factory):
     """Two epochs without interruption, shared by the output and resume tests (each run costs seconds)."""
     require_cifar10_small()
     out = tmp_path_factory.mktemp("css") / "straight"
-    result = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", out, isolated=True)
+    result = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", out,
+                        isolated=True)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -252,7 +253,8 @@ def straight_run(tmp_path_factory):
 def test_script_writes_checkpoint_summary_and_branch_accuracies(straight_run):
     checkpoint = torch.load(straight_run / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["method"] == "css" and checkpoint["deployed"] == "net1"
-    assert checkpoint["args"]["warmup_epochs"] == 5 and checkpoint["args"]["schedule"] == "multistep"  # the paper's protocol
+    saved = checkpoint["args"]  # the authors' protocol
+    assert saved["warmup_epochs"] == 5 and saved["schedule"] == "multistep" and saved["mask_layout"] == "authors"
     summary = read_summary(straight_run)
     assert summary["deployed"] == summary["networks"]["net1"] and 0 <= summary["deployed"]["top1"] <= 1
     assert {f"net{n}_branch{j}" for n in (1, 2) for j in (1, 2, 3)} | {"net2"} <= set(summary["networks"])
@@ -263,7 +265,8 @@ def test_script_writes_checkpoint_summary_and_branch_accuracies(straight_run):
 
 def test_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
     split = tmp_path / "split"
-    first = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", split, "--stop-after", "1")
+    first = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", split,
+                       "--stop-after", "1")
     assert first.returncode == 0 and not (split / "summary.json").exists()
     resumed = run_script("css.py", "--resume", split)
     assert resumed.returncode == 0, resumed.stderr
@@ -287,7 +290,8 @@ def test_backbone_that_cannot_be_branched_is_refused():
     with pytest.raises(ValueError, match="at least 2 stages"):
         css.check_branchable(torch.nn.Linear(3, 3), use_mask=True, image_size=32)
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):  # ViT's token sequences cannot be masked
-        css.build_networks(argparse.Namespace(**{**vars(css_args()), "model": "vit_s16", "single_network": True}), 10, 32)
+        args = argparse.Namespace(**{**vars(css_args()), "model": "vit_s16", "single_network": True})
+        css.build_networks(args, 10, 32)
 
 
 def test_unmaskable_backbone_gives_one_line_error_from_the_script(cifar10_small):
