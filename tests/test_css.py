@@ -238,6 +238,15 @@ def test_lr_drops_where_the_authors_code_drops_it():
     assert factor_at == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
+def test_docstring_headline_command_is_the_authors_experiment():
+    """The one command of the docstring parses, runs the authors' ResNet-110 and protocol, and their gradients."""
+    commands = [line.split()[2:] for line in css.__doc__.splitlines() if line.strip().startswith("python css.py")]
+    assert len(commands) == 1
+    args = css.parse_args(commands[0])
+    assert (args.model, args.epochs, args.batch_size, args.branches) == ("resnet110_bottleneck", 300, 128, 3)
+    assert args.no_detach and args.mask_layout == "authors" and not args.fixed_weights
+
+
 # ---- the script end to end ----
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
