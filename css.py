@@ -347,7 +347,8 @@ def build_networks(args, num_classes, image_size):
         first = build_model(architecture, head_outputs, image_size)
         check_branchable(first, not args.no_mask, image_size)  # before building the other branches
         backbones = [first] + [build_model(architecture, head_outputs, image_size) for _ in range(args.branches - 1)]
-        mask_layout = None if args.no_mask else args.mask_layout
+        # runs saved before --mask-layout existed had the grid's squares
+        mask_layout = None if args.no_mask else getattr(args, "mask_layout", "grid")
         networks[name] = MultiBranchNet(backbones, num_classes, mask_layout, not args.no_joint_labels, image_size)
     return networks
 

@@ -230,6 +230,12 @@ def test_bottleneck_networks_are_the_authors_branched_networks(model, count):
     assert seen[0].shape[1:] == (128, 16, 16) and (seen[0][:, :, 12:, :4] == 0).all()  # branch 3: bottom-left
 
 
+def test_runs_saved_before_mask_layouts_rebuild_with_their_grid_masks():
+    saved = vars(css_args("--single-network", "--branches", "4"))
+    del saved["mask_layout"]
+    assert css.build_networks(argparse.Namespace(**saved), 10, 32)["net1"].mask_layout == "grid"
+
+
 def test_lr_drops_where_the_authors_code_drops_it():
     """The authors' train.py multiplies the lr by 0.1 when its 1-based epoch counter reaches 150 and 225, so
     the 150th epoch (0-based 149) already runs at 0.01; warm-up is over after 5 epochs."""
