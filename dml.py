@@ -23,8 +23,8 @@ TNA's DML comparison (Vandersmissen et al. Table 2: MobileNetV2 / CIFAR-100, lr 
         --weight-decay 5e-4 --no-nesterov
 
 Paper vs code:
-- DML's losses are sums over the N images (eqs. 2-3 as printed); here CE and KL are batch means
-  (`batchmean`), which keeps their ratio and moves a constant into the learning rate.
+- DML writes CE and KL as sums over the N images (section 2.1; so does Vandersmissen et al.'s eq. 3); here
+  both are batch means (`batchmean`, as the TNA authors' code), which keeps their ratio.
 - Algorithm 1 updates the students one after another, recomputing predictions in between. The default
   updates all of them from one forward each (the same loss terms with peers one update older), as the
   TNA authors' DML; `--sequential` is Algorithm 1: student k steps on its peers' latest predictions,

@@ -25,7 +25,8 @@ Paper vs code:
   over the batch, as the authors' code (`MSELoss(reduction="sum") / B`); `--match-reduction mean` also
   averages over classes (nn.MSELoss: alpha acts C times weaker).
 - Momentum 0.9 and weight decay (5e-4 CIFAR, 1e-4 TinyImageNet/ImageNet) are not printed: the authors'
-  code's values. Its cosine annealing steps once per epoch; here once per step (same endpoints).
+  code's values. Its cosine annealing steps once per epoch; here once per step (same endpoints). Where
+  its learning rates differ from Table 9 (ResNet-50 0.1, TinyImageNet ResNet-18 0.2), Table 9 is followed.
 - Initialisation is not printed: the authors' networks keep PyTorch's defaults; here each backbone's
   reference init (models.py: Kaiming for the ResNets' convs).
 - Precision is not printed (the authors' code has optional fp16 autocast): bf16 autocast by default, with
@@ -101,7 +102,7 @@ def parse_args(argv=None):
     method.add_argument("--alpha", type=float, default=5e-3,
                         help="weight of the logit-matching term (eq. 1); 5e-4 for ResNet-50 (section 4.4); "
                              "0 = trained alone")
-    method.add_argument("--twin-model", default=None, help="architecture of the twin (default: --model; Table 8)")
+    method.add_argument("--twin-model", default=None, help="architecture of the twin (Table 8); None: the same as --model")
     method.add_argument("--match-reduction", default="sum", choices=["sum", "mean"],
                         help="squared error summed over classes (eq. 1, the authors' code) or averaged (nn.MSELoss)")
     method.add_argument("--late-matching", type=int, default=0,
@@ -145,7 +146,8 @@ def tna_loss(logits_a, logits_b, targets, alpha, reduction="sum"):
     """Eq. 1: CE_A + CE_B + alpha * squared logit distance. Returns (total, ce_a, ce_b, match).
 
     reduction "sum": summed over classes, averaged over the batch (authors' code);
-    "mean": averaged over batch and classes (nn.MSELoss). Computed in fp32.
+    "mean": averaged over batch and classes (nn.MSELoss). Computed in fp32 whatever the logits' dtype:
+    late in training the twins' logits differ by about a bf16 rounding step.
     """
     logits_a, logits_b = logits_a.float(), logits_b.float()
     ce_a = F.cross_entropy(logits_a, targets)
@@ -183,7 +185,7 @@ def build_networks(args, num_classes, image_size):
     base = build_model(args.model, num_classes, image_size)
     twin = build_model(args.twin_model or args.model, num_classes, image_size)  # its own random draw
     if args.twin_init == "copy":  # section 4.2: the twin is the base, except one part re-drawn
-        part = reinitialized_part(twin, getattr(args, "reinit_layer", None), args.reinit_stage)
+        part = reinitialized_part(twin, getattr(args, "reinit_layer", None), args.reinit_stage)  # older runs lack it
         # choice: the re-drawn part keeps the twin's own draw, so it has exactly the model's init (Kaiming for
         # the convs of most backbones, PyTorch's default for the ConvNet, torchvision's for MobileNetV2 and ViT)
         redrawn = {key: value for key, value in twin.state_dict().items() if part and key.startswith(part + ".")}
