@@ -1,20 +1,39 @@
-"""Deep Mutual Learning (DML), Zhang et al., CVPR 2018 (described in papers 000, 001 and 003).
+"""Deep Mutual Learning (DML): Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018 (arXiv:1706.00384).
 
 A cohort of K students learns together: each minimises its own cross-entropy plus the KL
 divergence from every peer's predicted distribution to its own, so the students teach each
-other without a pre-trained teacher. Every student is deployed alone (student 1 is reported).
+other without a pre-trained teacher. Every student is deployed alone; `--kl-weight 0` trains
+them independently.
 
-    L_k = CE(p_k, y) + 1/(K-1) * sum_{l != k} KL(p_l || p_k)                      (000 eq. 2-3)
+    L_k = CE(p_k, y) + 1/(K-1) * sum_{l != k} KL(p_l || p_k)
 
-KL is summed over classes and averaged over the batch (`batchmean`); the peers' p_l are
-detached. `--temperature T` softens both distributions and scales the KL by T^2. By default all
-students step on one forward; `--sequential` follows the paper's Algorithm 1 (update student 1,
-recompute its predictions, then update student 2, ...). `--kl-weight 0` is independent training.
+(DML section 2.1 for K = 2, as Vandersmissen et al., ICLR 2025, print it in their eqs. 2-3; section 2.3
+averages over the K-1 peers.) `--temperature T` softens both distributions and scales the KL by T^2.
 
-Reproduce the ResNet-32 pair on CIFAR-100 (paper 003, Table 2(b): 69.71% alone, 70.98% DML):
-    python dml.py --model resnet32 --dataset cifar100
-    python dml.py --model resnet32 --dataset cifar100 --kl-weight 0          # the baseline
-A mixed cohort: python dml.py --models mobilenet,resnet32 --dataset cifar100
+Reproduce the ResNet32 pair on CIFAR-100 in AMLN's Table 2(b) (Zhang, Lu, Gong, Luo & Liu, ECCV 2020):
+"Avg", the mean of the two students' test top-1 (seeds and final/best epoch not stated): DML 70.98%,
+trained alone ("vanilla") 69.71%. The defaults are AMLN's CIFAR protocol (its section 4.2).
+    python dml.py                  # summary.json: "networks_mean" (final epoch)
+    python dml.py --kl-weight 0    # trained alone
+DML's own CIFAR-100 protocol (its section 3.1: Nesterov SGD, lr 0.1, batch 64, x0.1 every 60 epochs,
+200 epochs; weight decay from its reference, Zagoruyko & Komodakis 2016: 5e-4):
+    python dml.py --batch-size 64 --milestones 60 120 180 --epochs 200 --weight-decay 5e-4
+TNA's DML comparison (Vandersmissen et al. Table 2: MobileNetV2 / CIFAR-100, lr 0.05: 78.08 +- 0.34%):
+    python dml.py --model mobilenetv2 --no-detach --batch-size 256 --lr 0.05 --epochs 200 --schedule cosine \\
+        --weight-decay 5e-4 --no-nesterov
+
+Paper vs code:
+- DML writes CE and KL as sums over the N images (section 2.1; so does Vandersmissen et al.'s eq. 3); here
+  both are batch means (`batchmean`, as the TNA authors' code), which keeps their ratio.
+- Algorithm 1 updates the students one after another, recomputing predictions in between. The default
+  updates all of them from one forward each (the same loss terms with peers one update older), as the
+  TNA authors' DML; `--sequential` is Algorithm 1: student k steps on its peers' latest predictions,
+  and its own is recomputed for the students after it with BatchNorm running statistics frozen, so each
+  student's statistics see each batch once.
+- In Algorithm 1 the peers' predictions are constants (student k's gradient only); the TNA authors' DML
+  lets each KL reach both networks: `--no-detach`.
+- DML pads its random crops by reflection; data.py pads with zeros (no flag).
+- `--temperature` is not in DML (T = 1, the default).
 """
 import argparse
 import json
@@ -71,39 +90,103 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    method = parser.add_argument_group("DML (Zhang et al. 2018)")
+    # this script's defaults: the CIFAR protocol of AMLN (Zhang et al., ECCV 2020, section 4.2), under which
+    # its Table 2(b) prints DML's ResNet32 pair; AMLN gives no epoch count: choice: 600, three lr steps of 200
+    # epochs (the lr drops every 200 epochs and its Fig. 3(b) plots test error beyond epoch 400)
+    parser.set_defaults(model="resnet32", batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                        schedule="multistep", milestones=[200, 400], gamma=0.1, epochs=600, warmup_epochs=0)
+    method = parser.add_argument_group("DML (Zhang et al., CVPR 2018)")
     method.add_argument("--num-students", type=int, default=2, help="cohort size K (ignored when --models is given)")
-    method.add_argument("--models", default=None, help="comma-separated architectures, one per student (a mixed cohort); overrides --model")
-    method.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (its value is scaled by T^2)")
-    method.add_argument("--kl-weight", type=float, default=1.0, help="weight of the mutual KL term; 0 = independent students")
-    method.add_argument("--sequential", action="store_true", help="Algorithm 1: update the students one after another, recomputing predictions")
+    method.add_argument("--models", default=None,
+                        help="comma-separated architectures, one per student (a mixed cohort); overrides --model")
+    method.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature of the KL term (its value is scaled by T^2); DML has none (1)")
+    method.add_argument("--kl-weight", type=float, default=1.0, help="weight of the mutual KL term; 0 = trained alone")
+    method.add_argument("--sequential", action="store_true",
+                        help="Algorithm 1: the students step one after another, each on its peers' latest predictions")
+    method.add_argument("--no-detach", action="store_true",
+                        help="let the KL's gradient reach the peer too (the TNA authors' DML); not with --sequential")
     args = parser.parse_args(argv)
     args.models = args.models.split(",") if isinstance(args.models, str) else args.models
     if args.models is not None and len(args.models) < 2 or args.models is None and args.num_students < 2:
         parser.error("DML needs a cohort of at least 2 students (--num-students K or --models a,b)")
     if args.temperature <= 0 or args.kl_weight < 0:
         parser.error(f"--temperature must be > 0 and --kl-weight >= 0, got {args.temperature} and {args.kl_weight}")
+    if args.sequential and args.no_detach:  # Algorithm 1 steps one student at a time on fixed peer predictions
+        parser.error("--no-detach needs the simultaneous update: drop --sequential (Algorithm 1 keeps the peers fixed)")
     return args
 
 
 # ==== the method ====
-def dml_loss(logits_list, targets, temperature=1.0, kl_weight=1.0):
-    """One loss per student (eq. 2): CE_k + kl_weight/(K-1) * sum_{l != k} T^2 KL(p_l || p_k).
+def dml_loss(logits_list, targets, temperature=1.0, kl_weight=1.0, detach=True):
+    """One loss per student (section 2.3 of Zhang et al.): CE_k + kl_weight/(K-1) * sum_{l != k} T^2 KL(p_l || p_k).
 
-    KL is summed over classes, averaged over the batch; peers are detached, so loss k trains only
-    student k. Returns (losses, cross_entropies, kls), three lists of K scalars, in fp32.
+    KL is summed over classes, averaged over the batch. With `detach` the peers are constants, so
+    loss k trains only student k (Algorithm 1); without, the KL also pulls each peer p_l towards
+    p_k (the TNA authors' DML). Returns (losses, cross_entropies, kls), three lists of K scalars,
+    computed in fp32 whatever the logits' dtype (a bf16 softmax rounds away small peer differences).
     """
-    log_probs = [F.log_softmax(logits.float(), dim=1) for logits in logits_list]  # fp32 (SPEC 1)
-    soft_log_probs = log_probs if temperature == 1 else [F.log_softmax(logits.float() / temperature, dim=1) for logits in logits_list]
+    log_probs = [F.log_softmax(logits.float(), dim=1) for logits in logits_list]
+    soft_log_probs = log_probs if temperature == 1 else [F.log_softmax(z.float() / temperature, 1) for z in logits_list]
     losses, cross_entropies, kls = [], [], []
     for k in range(len(logits_list)):
-        peers = [lp.detach() for l, lp in enumerate(soft_log_probs) if l != k]
+        peers = [lp.detach() if detach else lp for j, lp in enumerate(soft_log_probs) if j != k]
         # the mean over the K-1 peers, times T^2, which keeps the gradient scale independent of T (Hinton et al. 2015)
-        kl = sum(F.kl_div(soft_log_probs[k], peer, reduction="batchmean", log_target=True) for peer in peers) * (temperature**2 / len(peers))
+        kl = sum(F.kl_div(soft_log_probs[k], peer, reduction="batchmean", log_target=True) for peer in peers)
+        kl = kl * temperature**2 / len(peers)
         ce = F.nll_loss(log_probs[k], targets)  # the cross-entropy, from the log-probabilities already at hand
         losses.append(ce + kl_weight * kl)
         cross_entropies.append(ce)
         kls.append(kl)
+    return losses, cross_entropies, kls
+
+
+def forward_with_frozen_statistics(network, images):
+    """`network(images)` in its current mode, but BatchNorm leaves its running statistics (and
+    num_batches_tracked) as they are: in train mode it still normalises with the batch's statistics."""
+    norms = [m for m in network.modules() if getattr(m, "track_running_stats", False)]
+    for norm in norms:
+        norm.track_running_stats = False  # train mode then normalises by batch statistics and updates nothing
+    try:
+        return network(images)
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+def mutual_learning_step(students, optimizers, images, labels, args, autocast, scaler, bare_students=None):
+    """One DML step on a batch: every student (name -> network, with its optimizer in `optimizers`)
+    steps once. Returns (losses, cross_entropies, kls), one entry per student.
+
+    Every student runs exactly one forward with gradients per step, so its BatchNorm running
+    statistics see each batch once. By default all students step on these forwards at once.
+    `args.sequential` follows Algorithm 1 of Zhang et al. (2018): student k steps on its peers'
+    latest predictions, so student k+1 learns from student k's prediction after k's update.
+    `bare_students` are the same networks without DDP/compile wrappers (for the no-grad re-forward).
+    """
+    names = list(students)
+    bare_students = bare_students or students
+    with autocast():
+        logits = [students[name](images) for name in names]
+    if not args.sequential:  # choice: one simultaneous update from one forward per student (the TNA authors' DML)
+        losses, cross_entropies, kls = dml_loss(logits, labels, args.temperature, args.kl_weight, not args.no_detach)
+        backward_step(sum(losses), scaler, *optimizers.values())
+        return losses, cross_entropies, kls
+    latest = [student_logits.detach() for student_logits in logits]  # every student's latest prediction on this batch
+    losses, cross_entropies, kls = [], [], []
+    for k, name in enumerate(names):
+        # students k, k+1, ... have not stepped yet, so logits[k] is student k's forward with its current weights
+        terms = dml_loss(latest[:k] + [logits[k]] + latest[k + 1:], labels, args.temperature, args.kl_weight)
+        loss, cross_entropy, kl = (term[k] for term in terms)
+        backward_step(loss, scaler, optimizers[name])
+        losses.append(loss)
+        cross_entropies.append(cross_entropy)
+        kls.append(kl)
+        if k + 1 < len(names):
+            # choice: Algorithm 1 recomputes student k's prediction on the same batch after its update, as in
+            # training (train mode, batch statistics) but with BN running statistics frozen: they already saw it
+            with torch.no_grad(), autocast():
+                latest[k] = forward_with_frozen_statistics(bare_students[name], images)
     return losses, cross_entropies, kls
 
 
@@ -299,26 +382,10 @@ def main(args):
     # ==== the method's training step and evaluation outputs ====
     def train_step(images, labels, epoch):
         """One DML step on a batch; returns the loss terms as tensors (logged per epoch)."""
-        names = list(networks)
-        if args.sequential:  # Algorithm 1: student k learns from its peers' latest predictions
-            with torch.no_grad(), autocast():
-                current = [train_nets[name](images) for name in names]
-            for k, name in enumerate(names):
-                with autocast():
-                    current[k] = train_nets[name](images)
-                losses, cross_entropies, kls = dml_loss(current, labels, args.temperature, args.kl_weight)
-                backward_step(losses[k], scaler, optimizers[name])
-                current[k] = current[k].detach()
-                if k + 1 < len(names):  # the next student sees student k's updated predictions
-                    with torch.no_grad(), autocast():
-                        current[k] = train_nets[name](images)
-        else:  # choice: all students step on one forward (peers detached, so the gradients are the same terms)
-            with autocast():
-                logits = [train_nets[name](images) for name in names]
-            losses, cross_entropies, kls = dml_loss(logits, labels, args.temperature, args.kl_weight)
-            backward_step(sum(losses), scaler, *optimizers.values())
+        losses, cross_entropies, kls = mutual_learning_step(train_nets, optimizers, images, labels, args, autocast, scaler,
+                                                            bare_students=networks)
         terms = {}
-        for k, name in enumerate(names):
+        for k, name in enumerate(networks):
             terms.update({f"ce_{name}": cross_entropies[k], f"kl_{name}": kls[k]})
         return {"loss": sum(losses), **terms}
 
