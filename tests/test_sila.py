@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script, parse_error
-from sila import mutual_kl, parse_args, sila_loss, training_loss
+from sila import lr_factor, mutual_kl, parse_args, sila_loss, training_loss
 
 
 # ---- losses ----
@@ -114,6 +114,21 @@ def test_dml_term_of_network_k_reaches_only_network_k():
 def test_sila_loss_rejects_betas_of_the_wrong_length():
     with pytest.raises(ValueError, match="2 betas for 3"):
         sila_loss([torch.zeros(1, 2)] * 3, torch.tensor([0]), [1.0, 1.0])
+
+
+# ---- the recipe ----
+def test_default_schedule_is_section_4_1_halved_at_each_of_the_ten_milestones():
+    """Section 4.1: 260 epochs, batch 128, lr 0.1, MultiStep at 30, 55, ..., 240. With x0.5 per milestone the
+    lr ends at 0.1 / 2^10 (not 1e-11, as PyTorch's default x0.1 would make it) and every milestone halves it."""
+    args = parse_args([])
+    assert (args.model, args.dataset, args.epochs, args.batch_size, args.lr) == ("resnet18", "cifar100", 260, 128, 0.1)
+    lr_at = {epoch: args.lr * lr_factor(epoch * 10, 10, args) for epoch in (0, 29, 30, 54, 55, 80, 105, 135, 239, 240, 259)}
+    expected = {0: 0.1, 29: 0.1, 30: 0.05, 54: 0.05, 55: 0.025, 80: 0.1 / 8, 105: 0.1 / 16, 135: 0.1 / 32,
+                239: 0.1 / 512, 240: 0.1 / 1024, 259: 0.1 / 1024}
+    assert lr_at == pytest.approx(expected, rel=1e-12)
+    assert args.momentum == 0.9 and args.weight_decay == 5e-4 and not args.nesterov
+    # the literal PyTorch default stays one flag away
+    assert parse_args(["--gamma", "0.1"]).gamma == 0.1
 
 
 # ---- the script end to end ----
