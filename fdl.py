@@ -30,7 +30,7 @@ report the final epoch; batch 128 and Nesterov as in their code):
     python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250
     python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250 \\
         --no-fdl --no-similarity                                     # independent networks + head
-CIFAR-10 (94.93%): add --dataset cifar10 --fdl-lr 1e-4; ResNets: --head-lr 0.01.
+CIFAR-10 (94.93%): --dataset cifar10 (the authors' VGG-16 x2 keeps FDL lr 1e-5 and head lr 0.1 there).
 """
 import argparse
 import json
@@ -87,19 +87,31 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    method = parser.add_argument_group("FDL (paper 002, authors' code)")
+    # the authors' code for the poster's main experiment, VGG-16 x2 on CIFAR-100 (bishshoy/FDL, vgg_cifar100_expt.py):
+    # SGD momentum 0.9, Nesterov, weight decay 5e-4, batch 128, lr 0.1. choice: 250 epochs (their runs are open-ended,
+    # their lr reaches its floor after epoch 220 and their single-network baseline trains 250)
+    parser.set_defaults(model="vgg16", dataset="cifar100", epochs=250, batch_size=128, lr=0.1, momentum=0.9,
+                        weight_decay=5e-4, nesterov=True)
+    method = parser.add_argument_group("FDL (Das & Dutta Roy, identical neural networks; authors' code bishshoy/FDL)")
     method.add_argument("--num-nets", type=int, default=2, help="number N of identical networks in the pool (2 to 4)")
-    method.add_argument("--pretrain-epochs", type=int, default=1, help="epochs of plain CE per network before the four sub-steps start")
-    method.add_argument("--fdl-lr", type=float, default=1e-5, help="constant lr of the feature difference step (authors: 1e-5 on CIFAR-100, use 1e-4 on CIFAR-10)")
-    method.add_argument("--head-lr", type=float, default=0.1, help="constant lr of the ensemble head (authors: 0.1 for VGG, 0.01 for ResNets)")
+    method.add_argument("--pretrain-epochs", type=int, default=None,
+                        help="epochs of plain CE per network before the four sub-steps start (default: the authors', "
+                             "2 for VGG x4, else 1)")
+    method.add_argument("--fdl-lr", type=float, default=None,
+                        help="constant lr of the feature difference step (default: the authors' for the model, N and "
+                             "class count, see authors_lrs: VGG-16 x2 1e-5)")
+    method.add_argument("--head-lr", type=float, default=None,
+                        help="constant lr of the ensemble head (default: the authors', see authors_lrs: VGG-16 x2 0.1)")
     method.add_argument("--no-fdl", action="store_true", help="skip the feature difference step (ablation)")
     method.add_argument("--no-similarity", action="store_true", help="skip the similarity step (ablation)")
     args = parser.parse_args(argv)
     if not 2 <= args.num_nets <= 4:
         parser.error(f"--num-nets must be 2, 3 or 4 (the poster's 2x-4x ensembles), got {args.num_nets}")
+    if args.pretrain_epochs is None:  # authors: vgg_net_expt_x4.py pretrains each network 2 epochs, the others 1
+        args.pretrain_epochs = 2 if args.model.startswith("vgg") and args.num_nets == 4 else 1
     if not 0 <= args.pretrain_epochs < args.epochs:
         parser.error(f"--pretrain-epochs must be >= 0 and below --epochs ({args.epochs}) so the head gets trained, got {args.pretrain_epochs}")
-    if args.fdl_lr <= 0 or args.head_lr <= 0:
+    if min(lr for lr in (args.fdl_lr, args.head_lr, 1) if lr is not None) <= 0:
         parser.error(f"--fdl-lr and --head-lr must be > 0, got {args.fdl_lr} and {args.head_lr}")
     if args.model.startswith("msdnet"):
         parser.error(f"FDL needs single-exit networks; --model {args.model} has one output per exit")
@@ -109,8 +121,8 @@ def parse_args(argv=None):
 # ==== the method ====
 def feature_difference_loss(features_a, features_b):
     """-L_FDL^{a,b} (poster, "Feature Difference Losses"): minus the mean over the D recorded layers of
-    the mean squared difference (1/BCHW) sum (F_d^a - F_d^b)^2. Computed in fp32, summed layer by
-    layer (no stacked copy of the features)."""
+    L_d^{a,b} = (1/BCHW) sum_{b,c,h,w} (F_d^a - F_d^b)^2. Computed in fp32, summed layer by layer (no
+    stacked copy of the features)."""
     total = 0.0
     for feature_a, feature_b in zip(features_a, features_b, strict=True):
         total = total + F.mse_loss(feature_a.float(), feature_b.float())
@@ -130,10 +142,18 @@ def similarity_loss(ce_a, ce_b):
     return (ce_a - ce_b) ** 2
 
 
+def is_projection_shortcut(name):
+    """A residual block's 1x1 projection shortcut: models.py (like torchvision) names it `downsample` or `shortcut`."""
+    return any(part in ("downsample", "shortcut") for part in name.split("."))
+
+
 class ConvOutputRecorder:
-    """Forward hooks on every Conv2d of a network: while `record` runs, each conv's output (before
-    its BatchNorm: the features of the authors' VGG code) is collected, in execution order. The
-    hooks stay registered (no re-registration per step) and do nothing in any other forward."""
+    """Forward hooks on the Conv2d layers of a network: while `record` runs, each conv's output (before
+    its BatchNorm) is collected, in execution order. Recorded: every conv except the 1x1 projection
+    shortcuts of residual blocks, as the authors' code: their VGG features are the 13 conv outputs and
+    their ResNet features the graph nodes named "conv" (stem and residual branches; their CIFAR ResNets
+    have parameter-free shortcuts, and a torchvision `downsample` node is not named "conv"). The hooks
+    stay registered (no re-registration per step) and do nothing in any other forward."""
 
     def __init__(self, network):
         self.outputs = None  # a list only while recording
@@ -142,8 +162,8 @@ class ConvOutputRecorder:
             layers = list(module.children()) if isinstance(module, torch.nn.Sequential) else []
             overwritten.update(layer for layer, following in zip(layers, layers[1:])
                                if isinstance(layer, torch.nn.Conv2d) and getattr(following, "inplace", False))
-        for module in network.modules():
-            if isinstance(module, torch.nn.Conv2d):
+        for name, module in network.named_modules():
+            if isinstance(module, torch.nn.Conv2d) and not is_projection_shortcut(name):
                 module.register_forward_hook(self._record_copy if module in overwritten else self._record)
 
     def _record(self, module, inputs, output):
@@ -155,12 +175,21 @@ class ConvOutputRecorder:
             self.outputs.append(output.clone())
 
     def record(self, network, images):
-        """`network(images)` (the raw network or its DDP/compiled wrapper) -> (logits, [every Conv2d output])."""
+        """`network(images)` (the raw network or its DDP/compiled wrapper) -> (logits, [recorded conv outputs])."""
         self.outputs = []
         try:
             return network(images), self.outputs
         finally:
             self.outputs = None
+
+
+class EnsembleHead(torch.nn.Linear):
+    """The ensemble head: Linear(N*C -> C) over the bases' concatenated logits (the authors' Conv1d(N*C, C, 1),
+    the same map). Run in fp32 even under autocast, as the classifiers: a bf16 input would round the logits."""
+
+    def forward(self, logits):
+        with torch.autocast(logits.device.type, enabled=False):
+            return super().forward(logits.float())
 
 
 def frozen_base_logits(bases, images):
@@ -174,6 +203,17 @@ def frozen_base_logits(bases, images):
     for base, mode in zip(bases, modes):
         base.train(mode)
     return logits
+
+
+def authors_lrs(model, num_nets, num_classes):
+    """(FDL lr, head lr), both constant, as the authors' scripts set them (bishshoy/FDL): VGG-16 x2 1e-5 and 0.1
+    on CIFAR-10 and CIFAR-100 alike; VGG-16 x3 1e-5 (CIFAR-100) or 1e-4 (CIFAR-10) and 0.1; VGG-16 x4 1e-4 and
+    0.01; CIFAR ResNets x2-x4 1e-5 (CIFAR-100) or 1e-4 (CIFAR-10) and 0.01. choice: any other backbone takes
+    the ResNets' values, and any dataset other than a 10-class one CIFAR-100's."""
+    ten_classes = num_classes == 10
+    if model.startswith("vgg"):
+        return (1e-4 if num_nets == 4 or (num_nets == 3 and ten_classes) else 1e-5), (0.01 if num_nets == 4 else 0.1)
+    return (1e-4 if ten_classes else 1e-5), 0.01
 
 
 def build_networks(args, num_classes, image_size):
@@ -326,10 +366,13 @@ def main(args):
     frozen = set()
     names = list(networks)
     recorders = {name: ConvOutputRecorder(net) for name, net in networks.items()}
-    head = torch.nn.Linear(len(names) * data.num_classes, data.num_classes).to(device)  # the authors' Conv1d(N*C, C, 1)
+    head = EnsembleHead(len(names) * data.num_classes, data.num_classes).to(device)
     # the head is not an image network, so the scaffolding does not wrap it: DDP here all-reduces its gradients
     train_head = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None) if distributed else head
     bases = [p for net in networks.values() for p in net.parameters()]
+    fdl_lr, head_lr = authors_lrs(args.model, len(names), data.num_classes)
+    args.fdl_lr = fdl_lr if args.fdl_lr is None else args.fdl_lr  # resolved here and saved with the run's arguments
+    args.head_lr = head_lr if args.head_lr is None else args.head_lr
     # choice: one "main" optimizer for the CE sub-step of all bases; SGD (and AdamW) act per parameter and each
     # CE reaches only its own network, so it steps exactly like the authors' one SGD per network
     optimizers = {"main": make_optimizer(bases, args),
@@ -381,62 +424,67 @@ def main(args):
               + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
 
     # ==== the method's training step and evaluation outputs ====
-    def optimizer_step(name, loss):
-        backward_step(loss, scaler, optimizers[name])  # "main", "similarity" and "fdl" each clear every base's gradients
-
-    def similarity_pair():
-        if len(names) == 2:
-            return names
-        pair_generator.manual_seed((args.seed << 32) + schedulers["main"].last_epoch)  # last_epoch: optimizer steps so far
-        return [names[k] for k in sorted(torch.randperm(len(names), generator=pair_generator)[:2].tolist())]
-
     def train_step(images, labels, epoch):
-        """One FDL batch: the CE sub-step, then (after the pretrain epochs) the similarity, feature
-        difference and ensemble head sub-steps, each with a fresh forward. Returns the terms as tensors."""
+        """One FDL batch: the poster's criterion -L_FDL + k S + k1 L_X + k2 L_X, split into the authors' four
+        sub-steps ("Phased training"), each with a fresh forward and its own optimizer; during the pretrain
+        epochs only the first. Returns the loss terms as tensors (logged per epoch)."""
         joint = epoch >= args.pretrain_epochs
         not_run = torch.zeros((), device=device)
-        # 1. CE for every network; the conv outputs of this forward measure the feature difference (poster's plot (c))
+
+        # 1. L_X(y_hat_i, y) for every network i (optimizer "main": the common schedule). The conv outputs of
+        #    this forward also measure the feature difference, without gradient (the poster's plot (c))
         with autocast():
             outputs = [recorders[name].record(train_nets[name], images) for name in names]
-        ces = {name: F.cross_entropy(logits.float(), labels) for name, (logits, _) in zip(names, outputs)}
+        ces = [F.cross_entropy(logits.float(), labels) for logits, _ in outputs]
         with torch.no_grad():
             feature_diff = -all_pairs_feature_difference_loss([features for _, features in outputs])
         del outputs  # the recorded features are not kept past the backward
-        optimizer_step("main", sum(ces.values()))
-        # 2. similarity of a pair's CEs, on a fresh forward (measured from step 1's CEs when it does not run)
-        pair = similarity_pair()
+        backward_step(sum(ces), scaler, optimizers["main"])
+
+        # 2. S^{i,j} = (L_i - L_j)^2 for one pair, a random one when N > 2 (optimizer "similarity", the main lr).
+        #    As in the authors' code all N networks run forward (each BN sees the batch as often as in theirs);
+        #    the others enter with weight 0: their gradients are zeros, not None, so DDP finds every parameter
+        #    used and the optimizer applies momentum and weight decay to them as the authors' (torch 1.x zero_grad)
+        pair_generator.manual_seed((args.seed << 32) + schedulers["main"].last_epoch)  # optimizer steps so far
+        i, j = sorted(torch.randperm(len(names), generator=pair_generator)[:2].tolist())
         if joint and not args.no_similarity:
             with autocast():
-                pair_logits = [train_nets[name](images) for name in pair]
-            similarity = similarity_loss(*(F.cross_entropy(logits.float(), labels) for logits in pair_logits))
-            optimizers["similarity"].param_groups[0]["lr"] = optimizers["main"].param_groups[0]["lr"]  # the main schedule
-            optimizer_step("similarity", similarity)
-        else:
-            similarity = similarity_loss(ces[pair[0]], ces[pair[1]]).detach()
-        # 3. feature difference over all pairs (minimised: it pushes the features apart)
+                all_logits = [train_nets[name](images) for name in names]
+            similarity = similarity_loss(F.cross_entropy(all_logits[i].float(), labels),
+                                         F.cross_entropy(all_logits[j].float(), labels))
+            others = sum(logits.float().sum() for k, logits in enumerate(all_logits) if k not in (i, j)) * 0.0
+            optimizers["similarity"].param_groups[0]["lr"] = optimizers["main"].param_groups[0]["lr"]
+            backward_step(similarity + others, scaler, optimizers["similarity"])
+            del all_logits
+        else:  # logged all the same, from sub-step 1's cross-entropies
+            similarity = similarity_loss(ces[i], ces[j]).detach()
+
+        # 3. -L_FDL, averaged over all pairs, minimised: it pushes every recorded conv output apart (optimizer "fdl":
+        #    constant tiny lr, momentum 0.85, Nesterov). The layers after the last conv enter with weight 0, for
+        #    DDP and for this optimizer's weight decay, as in the authors' code
         fdl = not_run
         if joint and not args.no_fdl:
             with autocast():
                 outputs = [recorders[name].record(train_nets[name], images) for name in names]
             fdl = all_pairs_feature_difference_loss([features for _, features in outputs])
-            # a zero term puts the layers after the last conv in the graph: DDP expects every parameter to
-            # get a gradient, and they then take the FDL optimizer's weight decay as in the authors' code
-            unused = sum(logits.float().sum() for logits, _ in outputs) * 0.0
-            optimizer_step("fdl", fdl + unused)
+            after_last_conv = sum(logits.float().sum() for logits, _ in outputs) * 0.0
+            backward_step(fdl + after_last_conv, scaler, optimizers["fdl"])
             del outputs
-        # 4. the ensemble head on the frozen bases' logits
+
+        # 4. L_X(head(concat(z_1, ..., z_N)), y): the ensemble head on the frozen bases' logits (eval mode, no
+        #    gradient; optimizer "head", constant lr)
         head_ce = not_run
         if joint:
             with autocast():
-                head_ce = F.cross_entropy(train_head(frozen_base_logits(list(networks.values()), images)).float(), labels)
-            optimizer_step("head", head_ce)
-        per_network = {f"ce_{name}": ce for name, ce in ces.items()}
-        return {**per_network, "similarity": similarity, "fdl": fdl, "feature_diff": feature_diff, "head_ce": head_ce}
+                head_ce = F.cross_entropy(train_head(frozen_base_logits(list(networks.values()), images)), labels)
+            backward_step(head_ce, scaler, optimizers["head"])
+        return {**{f"ce_{name}": ce for name, ce in zip(names, ces)}, "similarity": similarity, "fdl": fdl,
+                "feature_diff": feature_diff, "head_ce": head_ce}
 
     def predict(images):
         logits = {name: net(images) for name, net in networks.items()}
         return {"head": head(torch.cat(list(logits.values()), dim=1)), **logits,
-                "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+                "ensemble": torch.stack(list(logits.values())).mean(0)}  # choice: the bases' mean logits, for comparison
 
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
