@@ -1,6 +1,7 @@
-"""FDL (paper 002): the losses against hand-computed values, the recorded conv features, the head step
-leaving the bases unchanged, the feature difference step pushing features apart, and the script end
-to end (outputs, resume across the pretrain phase, bad input)."""
+"""FDL (Das & Dutta Roy, identical neural networks; authors' code bishshoy/FDL): the losses against
+hand-computed values, the recorded conv features, the head step leaving the bases unchanged, the
+feature difference step pushing features apart, the authors' recipes, and the script end to end
+(every sub-step's forwards, outputs, resume across the pretrain phase, bad input)."""
 import json
 
 import pytest
