@@ -1,36 +1,61 @@
-"""Feature Difference Loss ensembles (FDL), paper 002 (a poster; details from the authors' code).
+"""Feature Difference Loss (FDL) ensembles: B. Das, S. Dutta Roy, "Knowledge Diversification in Ensembles
+of Identical Neural Networks", BMVC 2022 (poster "Identical Neural Networks"); the training details are
+those of the authors' code, github.com/bishshoy/FDL.
 
-N identical networks, independently initialised, are trained side by side while a feature
-difference loss pushes the outputs of their convolutions apart, so the pool learns N different
-feature sets instead of one; a learned ensemble head combines their logits at inference.
+N identical networks, independently initialised, are trained side by side while a feature difference
+loss pushes the outputs of their convolutions apart, so the pool learns N different feature sets instead
+of one; a learned ensemble head combines their logits and is deployed. The poster numbers no equation;
+for networks N1, N2 whose D recorded layers give feature tensors F_d (B x C x H x W):
 
-After `--pretrain-epochs` of plain cross-entropy, every batch runs four sub-steps in the
-authors' order, each with a fresh forward and its own optimizer:
-  1. CE(y_hat_i, y) for every network i                    (optimizer "main", the cosine schedule)
-  2. S^{i,j} = (L_i - L_j)^2, the squared difference of two networks' batch-mean CEs, into both;
-     a random pair when N > 2 (optimizer "similarity": the main settings, own momentum)
-  3. -L_FDL = -(1/D) sum_d (1/BCHW) sum_{b,c,h,w} (F_d^i - F_d^j)^2 on the output of every Conv2d
-     (before its BN), averaged over all pairs (optimizer "fdl": constant --fdl-lr, momentum 0.85,
-     Nesterov)
-  4. CE(head(concat(z_1, ..., z_N)), y): the ensemble head Linear(N*C -> C) on the bases' logits,
-     the bases frozen (eval mode, no gradient) (optimizer "head": constant --head-lr)
-The poster's equations carry no numbers: L_i^{N1,N2} and L_FDL^{N1,N2} ("Feature Difference
-Losses") and S^{N1,N2} ("Similarity loss"); its joint criterion -L_FDL + k S + k1 L_X + k2 L_X is
-split into these phases ("Phased training") so that no weight k is needed. -L_FDL is unbounded
-below (scaling a conv raises the difference), hence the tiny constant lr; "fdl" is logged every
-epoch, with "feature_diff" (the mean squared feature difference measured on the CE forward, also
-with --no-fdl: the poster's plot (c)). The deployed output is the head; each base and the logit
-average ("ensemble") are reported too. `--no-fdl`, `--no-similarity` are the ablations; both
-together train independent networks plus the head. Not reproduced: the authors' exponential lr
-decay (0.1 * exp(-0.03 * epoch), 2e-5 after epoch 220); the cosine schedule is used, as everywhere.
+    L_d^{N1,N2} = (1/BCHW) sum_{b,c,h,w} (F_d^{N1}(b,c,h,w) - F_d^{N2}(b,c,h,w))^2   ("Feature Difference Losses")
+    L_FDL^{N1,N2} = (1/D) sum_d L_d^{N1,N2}
+    S^{N1,N2} = (L_1 - L_2)^2,  L_i the cross-entropy L_X(y_hat_i, y) of network i   ("Similarity loss")
+    N_E* = argmin_W -L_FDL + k S + k1 L_X(y_hat_1, y) + k2 L_X(y_hat_2, y)           (the overall criterion)
 
-Reproduce the VGG-16 (2x) CIFAR-100 row of the poster's table (FDL 77.02%; VGG-16 alone 74.61%,
-two independent VGG-16s (RIE) 76.95%; the authors report the best epoch of an open-ended run, we
-report the final epoch; batch 128 and Nesterov as in their code):
-    python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250
-    python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250 \\
-        --no-fdl --no-similarity                                     # independent networks + head
-CIFAR-10 (94.93%): --dataset cifar10 (the authors' VGG-16 x2 keeps FDL lr 1e-5 and head lr 0.1 there).
+The criterion is split into phases ("Phased training") so that no weight k is needed: after
+`--pretrain-epochs` of plain CE, every batch runs four sub-steps, each with a fresh forward and its own
+optimizer, in this order (train_step reads them top to bottom):
+  1. L_X for every network                                      optimizer "main" (the common schedule)
+  2. S for one pair, a random one when N > 2; all N forwarded    "similarity" (the main settings and lr)
+  3. -L_FDL averaged over all pairs, on every conv output before its BN (1x1 projection shortcuts excepted)
+                                                                 "fdl" (constant --fdl-lr, momentum 0.85, Nesterov)
+  4. L_X(head(concat(z_1, ..., z_N)), y), bases frozen (eval mode, no gradient), head Linear(N*C -> C)
+                                                                 "head" (constant --head-lr)
+-L_FDL is unbounded below (scaling a conv raises the difference), hence its tiny constant lr. Each epoch
+logs "fdl" and "feature_diff" (the mean squared feature difference on the CE forward, also with --no-fdl:
+the poster's plot (c)). Each base and the bases' mean logits ("ensemble") are reported beside the head.
+
+Reproduce the poster's VGG-16 (2x) CIFAR-100 row (the defaults are the authors' setting for it: batch 128,
+SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, FDL lr 1e-5, head lr 0.1, 1 pretrain epoch):
+    python fdl.py                              # poster: FDL (2x) 77.02% top-1
+    python fdl.py --no-fdl --no-similarity     # independent networks: VGG-16 (1x) 74.61% per base, RIE (2x) 76.95%
+The poster prints one top-1 per row, the head's (RIE: an ensemble of independently trained networks, here
+"ensemble"); the authors' code prints the maximum over the epochs of an open-ended run (seeds not stated).
+summary.json's `deployed` is the head's final top-1 and `best` its best epoch (selected on the test set, as
+theirs). CIFAR-10 (FDL 94.93%): `--dataset cifar10`. 3x, 4x ensembles: `--num-nets 3` or `4`; CIFAR
+ResNets: `--model resnet56`; the FDL and head lrs and the pretrain epochs then follow the authors' scripts
+(authors_lrs, and 2 pretrain epochs for VGG-16 x4).
+
+Paper vs code:
+- Schedule: the authors set the CE and similarity lr to 1e-5 + 0.1 exp(-0.03 t) in joint epoch t (2e-5 after
+  t = 220) and run open-ended; the code anneals by cosine over --epochs (250, choice: about where their lr
+  reaches its floor). No flag gives the exponential.
+- One criterion (weights k, k1, k2) in the poster; four sub-steps with their own optimizers in the authors'
+  code (the poster's "Phased training"): the code follows the authors.
+- Layers of L_FDL: not stated in the poster. The authors record every conv output before its BN (VGG-16: 13)
+  and, in their ResNets, the graph nodes named "conv" (no projection shortcut): the code does the same.
+- VGG-16: the authors' is torchvision's vgg16_bn features (five max-pools) and one linear layer; models.py's
+  vgg16 is the CIFAR distillation zoo's (RepDistiller: global average pooling in place of the fifth max-pool),
+  same parameters and the same 13 convs. No flag.
+- The authors' CIFAR ResNets have parameter-free shortcuts and run a second forward to read the features
+  (their BN statistics move twice per sub-step); models.py's have 1x1 projection shortcuts (left out of
+  L_FDL), and one forward reads both.
+- Unused parameters: the authors' torch 1.x zero_grad left zero gradients, so the similarity and FDL
+  optimizers applied momentum and weight decay to every parameter at every step; the code gives the unused
+  parts zero-weight terms, with the same effect.
+- The random pair (N > 2): np.random per batch in the authors' code; here a generator seeded by (seed, step),
+  the same on every rank and after --resume.
+- Reported number: the authors' best epoch; here the final epoch, with the best beside it.
 """
 import argparse
 import json
@@ -92,16 +117,17 @@ def parse_args(argv=None):
     # their lr reaches its floor after epoch 220 and their single-network baseline trains 250)
     parser.set_defaults(model="vgg16", dataset="cifar100", epochs=250, batch_size=128, lr=0.1, momentum=0.9,
                         weight_decay=5e-4, nesterov=True)
-    method = parser.add_argument_group("FDL (Das & Dutta Roy, identical neural networks; authors' code bishshoy/FDL)")
+    method = parser.add_argument_group("FDL (Das & Dutta Roy, BMVC 2022; authors' code bishshoy/FDL)")
     method.add_argument("--num-nets", type=int, default=2, help="number N of identical networks in the pool (2 to 4)")
     method.add_argument("--pretrain-epochs", type=int, default=None,
-                        help="epochs of plain CE per network before the four sub-steps start (default: the authors', "
-                             "2 for VGG x4, else 1)")
+                        help="epochs of plain CE per network before the four sub-steps start (default: %(default)s = "
+                             "the authors', 2 for VGG x4, else 1)")
     method.add_argument("--fdl-lr", type=float, default=None,
-                        help="constant lr of the feature difference step (default: the authors' for the model, N and "
-                             "class count, see authors_lrs: VGG-16 x2 1e-5)")
+                        help="constant lr of the feature difference step (default: %(default)s = the authors' for the "
+                             "model, N and class count, see authors_lrs; VGG-16 x2: 1e-5)")
     method.add_argument("--head-lr", type=float, default=None,
-                        help="constant lr of the ensemble head (default: the authors', see authors_lrs: VGG-16 x2 0.1)")
+                        help="constant lr of the ensemble head (default: %(default)s = the authors', see authors_lrs; "
+                             "VGG-16 x2: 0.1)")
     method.add_argument("--no-fdl", action="store_true", help="skip the feature difference step (ablation)")
     method.add_argument("--no-similarity", action="store_true", help="skip the similarity step (ablation)")
     args = parser.parse_args(argv)
@@ -110,7 +136,8 @@ def parse_args(argv=None):
     if args.pretrain_epochs is None:  # authors: vgg_net_expt_x4.py pretrains each network 2 epochs, the others 1
         args.pretrain_epochs = 2 if args.model.startswith("vgg") and args.num_nets == 4 else 1
     if not 0 <= args.pretrain_epochs < args.epochs:
-        parser.error(f"--pretrain-epochs must be >= 0 and below --epochs ({args.epochs}) so the head gets trained, got {args.pretrain_epochs}")
+        parser.error(f"--pretrain-epochs must be >= 0 and below --epochs ({args.epochs}) so the head gets trained, "
+                     f"got {args.pretrain_epochs}")
     if min(lr for lr in (args.fdl_lr, args.head_lr, 1) if lr is not None) <= 0:
         parser.error(f"--fdl-lr and --head-lr must be > 0, got {args.fdl_lr} and {args.head_lr}")
     if args.model.startswith("msdnet"):
@@ -157,7 +184,8 @@ class ConvOutputRecorder:
 
     def __init__(self, network):
         self.outputs = None  # a list only while recording
-        overwritten = set()  # a conv whose next layer works in place (ConvNet's ReLU(inplace=True)) would change the recorded tensor
+        # a conv whose next layer works in place (ConvNet's ReLU(inplace=True)) would change the recorded tensor
+        overwritten = set()
         for module in network.modules():
             layers = list(module.children()) if isinstance(module, torch.nn.Sequential) else []
             overwritten.update(layer for layer, following in zip(layers, layers[1:])
@@ -368,7 +396,8 @@ def main(args):
     recorders = {name: ConvOutputRecorder(net) for name, net in networks.items()}
     head = EnsembleHead(len(names) * data.num_classes, data.num_classes).to(device)
     # the head is not an image network, so the scaffolding does not wrap it: DDP here all-reduces its gradients
-    train_head = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None) if distributed else head
+    train_head = head if not distributed else DistributedDataParallel(
+        head, device_ids=[device.index] if device.type == "cuda" else None)
     bases = [p for net in networks.values() for p in net.parameters()]
     fdl_lr, head_lr = authors_lrs(args.model, len(names), data.num_classes)
     args.fdl_lr = fdl_lr if args.fdl_lr is None else args.fdl_lr  # resolved here and saved with the run's arguments
@@ -376,8 +405,9 @@ def main(args):
     # choice: one "main" optimizer for the CE sub-step of all bases; SGD (and AdamW) act per parameter and each
     # CE reaches only its own network, so it steps exactly like the authors' one SGD per network
     optimizers = {"main": make_optimizer(bases, args),
-                  "similarity": make_optimizer(bases, args),  # authors: its own SGD, same settings and lr as the CE ones
-                  "fdl": torch.optim.SGD(bases, lr=args.fdl_lr, momentum=0.85, nesterov=True, weight_decay=args.weight_decay),
+                  "similarity": make_optimizer(bases, args),  # authors: own SGD, the CE ones' settings and lr
+                  "fdl": torch.optim.SGD(bases, lr=args.fdl_lr, momentum=0.85, nesterov=True,
+                                         weight_decay=args.weight_decay),
                   # choice: the head follows the common SGD flags (authors: momentum 0.9, Nesterov, wd 5e-4)
                   "head": torch.optim.SGD(head.parameters(), lr=args.head_lr, momentum=args.momentum,
                                           weight_decay=args.weight_decay, nesterov=args.nesterov)}
@@ -385,7 +415,7 @@ def main(args):
     # authors: the fdl and head lrs are not scheduled; "similarity" copies the main lr when it steps (below), so no
     # scheduler steps it during the pretrain epochs, before its first optimizer step
     constant_lr = {"similarity", "fdl", "head"}
-    pair_generator = torch.Generator()  # the similarity pair: seeded by (seed, step), the same on every rank and on resume
+    pair_generator = torch.Generator()  # the similarity pair: seeded by (seed, step), the same on every rank and resume
 
     # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -483,8 +513,9 @@ def main(args):
 
     def predict(images):
         logits = {name: net(images) for name, net in networks.items()}
+        # choice: the bases' mean logits ("ensemble") are reported beside the head, for comparison (RIE)
         return {"head": head(torch.cat(list(logits.values()), dim=1)), **logits,
-                "ensemble": torch.stack(list(logits.values())).mean(0)}  # choice: the bases' mean logits, for comparison
+                "ensemble": torch.stack(list(logits.values())).mean(0)}
 
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)

@@ -120,23 +120,32 @@ def parse_args(argv=None):
     # x0.1, says "divided by 10"). `--gamma 0.1` gives PyTorch's default. Momentum and weight decay are not stated
     # either: choice, the CIFAR values of the knowledge-distillation benchmarks (RepDistiller): 0.9 and 5e-4.
     parser.set_defaults(model="resnet18", dataset="cifar100", epochs=260, batch_size=128, lr=0.1, momentum=0.9,
-                        weight_decay=5e-4, schedule="multistep", milestones=[30, 55, 80, 105, 135, 160, 180, 200, 220, 240],
-                        gamma=0.5)
+                        weight_decay=5e-4, nesterov=False, schedule="multistep",
+                        milestones=[30, 55, 80, 105, 135, 160, 180, 200, 220, 240], gamma=0.5)
     method = parser.add_argument_group("SiLa (Gan et al. 2021, arXiv:2103.00200)")
-    method.add_argument("--models", default=None, help="comma-separated architectures, one per network (a mixed group, e.g. mobilenet,resnet18); default: two of --model")
-    method.add_argument("--betas", type=float, nargs="+", default=None, help="weight beta_c of each network's (or MSDNet exit's) term, eq. 10-11; default: all 1")
-    method.add_argument("--plus-ce", action="store_true", help="add each network's own cross-entropy on its N logits to the SiLa loss")
-    method.add_argument("--dml", action="store_true", help="SiLa+DML: add KL(p_peer || p_self) per network, peers detached, T = 1 (Table 1)")
-    method.add_argument("--no-sila", action="store_true", help="each network (MSDNet: each exit) on its own CE: the independent / MSDNet baseline")
+    method.add_argument("--models", default=None,
+                        help="comma-separated architectures, one per network (a mixed group, e.g. mobilenet,resnet18); "
+                             "default: two of --model")
+    method.add_argument("--betas", type=float, nargs="+", default=None,
+                        help="weight beta_c of each network's (or MSDNet exit's) term, eq. 10-11; default: all 1")
+    method.add_argument("--plus-ce", action="store_true",
+                        help="add each network's own cross-entropy on its N logits to the SiLa loss")
+    method.add_argument("--dml", action="store_true",
+                        help="SiLa+DML: add KL(p_peer || p_self) per network, peers detached, T = 1 (Table 1)")
+    method.add_argument("--no-sila", action="store_true",
+                        help="each network (MSDNet: each exit) on its own CE: the independent / MSDNet baseline")
     args = parser.parse_args(argv)
     args.models = args.models.split(",") if isinstance(args.models, str) else args.models
     if args.models is not None and len(args.models) < 2:
         parser.error("SiLa needs at least 2 networks: --models a,b (or --model msdnet* for one network's exits)")
     if args.models is not None and any(name.startswith("msdnet") for name in [args.model, *args.models]):
-        parser.error("an MSDNet is trained alone (dynamic SiLa concatenates its exits): give --model msdnet* without --models")
+        parser.error("an MSDNet is trained alone (dynamic SiLa concatenates its exits): "
+                     "give --model msdnet* without --models")
     architectures = args.models or [args.model] * 2
-    if args.betas is not None and not is_dynamic(args) and len(args.betas) != len(architectures):  # MSDNet exits: checked once built
-        parser.error(f"--betas has {len(args.betas)} values but there are {len(architectures)} networks ({', '.join(architectures)})")
+    # an MSDNet's exits are counted once it is built
+    if args.betas is not None and not is_dynamic(args) and len(args.betas) != len(architectures):
+        parser.error(f"--betas has {len(args.betas)} values but there are {len(architectures)} networks "
+                     f"({', '.join(architectures)})")
     if args.betas is not None and (min(args.betas) < 0 or sum(args.betas) <= 0):
         parser.error(f"--betas must be >= 0 and not all 0, got {args.betas}")
     if args.no_sila and args.plus_ce:
@@ -335,7 +344,8 @@ def main(args):
     betas = args.betas or [1.0] * len(members)
     if len(betas) != len(members):  # the networks' count was checked in parse_args; the exits' needs the MSDNet
         fail(f"--betas has {len(betas)} values but there are {len(members)} exits in {args.model}")
-    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}  # eq. 6-7: one loss, one step
+    # eq. 6-7: one loss, one optimizer step of every network
+    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}
     extra_modules = {}  # trainable parts that are not networks: none (the SiLa module is a concatenation)
     constant_lr = set()  # optimizers that do not follow the main schedule: none here
 
@@ -403,7 +413,8 @@ def main(args):
             exits = networks["net1"](images)
             return {**dict(zip(members, exits)), "net1": exits[-1]}
         logits = {name: net(images) for name, net in networks.items()}
-        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}  # choice: mean logits, for information
+        # choice: the networks' mean logits, reported for information (the paper deploys one network)
+        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}
 
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
