@@ -44,9 +44,9 @@ on images the network trained on. MSDNet's budgeted-batch CIFAR network: `--mode
 Paper vs code:
 - MultiStep factor: not stated. Code: x0.5 at each milestone (0.1 -> 9.8e-5 at epoch 240); PyTorch's default
   x0.1 would leave the lr at 1e-5 from epoch 105 and 1e-11 at 240, so seven milestones could change nothing
-  (section 4.2, meaning x0.1, says "divided by 10"). Printed-as-PyTorch reading: `--gamma 0.1`.
-- Momentum, weight decay, Nesterov: not stated. Code: 0.9, 5e-4, off (the CIFAR distillation benchmarks'
-  values); MSDNet runs 1e-4 (MSDNet's code).
+  (section 4.2, meaning x0.1, says "divided by 10"). PyTorch's default factor: `--gamma 0.1`.
+- Momentum, weight decay, Nesterov: not stated. Code: 0.9, 5e-4, off (the values of the CIFAR distillation
+  benchmarks, RepDistiller); MSDNet runs: weight decay 1e-4 (MSDNet's code, kalviny/MSDNet-PyTorch).
 - Section 4.2's milestones "150 and 255": read as 150 and 225, where MSDNet's code divides (at 50% and 75% of
   its 300 epochs), as 255 looks like a transposition. Printed: `--milestones 150 255`.
 - Algorithm 1 (eq. 6-7) writes Theta + gamma dL/dTheta; the code descends the loss (the sign is a typo).
