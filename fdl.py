@@ -1,36 +1,61 @@
-"""Feature Difference Loss ensembles (FDL), paper 002 (a poster; details from the authors' code).
+"""Feature Difference Loss (FDL) ensembles: B. Das, S. Dutta Roy, "Knowledge Diversification in Ensembles
+of Identical Neural Networks", BMVC 2022 (poster "Identical Neural Networks"); the training details are
+those of the authors' code, github.com/bishshoy/FDL.
 
-N identical networks, independently initialised, are trained side by side while a feature
-difference loss pushes the outputs of their convolutions apart, so the pool learns N different
-feature sets instead of one; a learned ensemble head combines their logits at inference.
+N identical networks, independently initialised, are trained side by side while a feature difference
+loss pushes the outputs of their convolutions apart, so the pool learns N different feature sets instead
+of one; a learned ensemble head combines their logits and is deployed. The poster numbers no equation;
+for networks N1, N2 whose D recorded layers give feature tensors F_d (B x C x H x W):
 
-After `--pretrain-epochs` of plain cross-entropy, every batch runs four sub-steps in the
-authors' order, each with a fresh forward and its own optimizer:
-  1. CE(y_hat_i, y) for every network i                    (optimizer "main", the cosine schedule)
-  2. S^{i,j} = (L_i - L_j)^2, the squared difference of two networks' batch-mean CEs, into both;
-     a random pair when N > 2 (optimizer "similarity": the main settings, own momentum)
-  3. -L_FDL = -(1/D) sum_d (1/BCHW) sum_{b,c,h,w} (F_d^i - F_d^j)^2 on the output of every Conv2d
-     (before its BN), averaged over all pairs (optimizer "fdl": constant --fdl-lr, momentum 0.85,
-     Nesterov)
-  4. CE(head(concat(z_1, ..., z_N)), y): the ensemble head Linear(N*C -> C) on the bases' logits,
-     the bases frozen (eval mode, no gradient) (optimizer "head": constant --head-lr)
-The poster's equations carry no numbers: L_i^{N1,N2} and L_FDL^{N1,N2} ("Feature Difference
-Losses") and S^{N1,N2} ("Similarity loss"); its joint criterion -L_FDL + k S + k1 L_X + k2 L_X is
-split into these phases ("Phased training") so that no weight k is needed. -L_FDL is unbounded
-below (scaling a conv raises the difference), hence the tiny constant lr; "fdl" is logged every
-epoch, with "feature_diff" (the mean squared feature difference measured on the CE forward, also
-with --no-fdl: the poster's plot (c)). The deployed output is the head; each base and the logit
-average ("ensemble") are reported too. `--no-fdl`, `--no-similarity` are the ablations; both
-together train independent networks plus the head. Not reproduced: the authors' exponential lr
-decay (0.1 * exp(-0.03 * epoch), 2e-5 after epoch 220); the cosine schedule is used, as everywhere.
+    L_d^{N1,N2} = (1/BCHW) sum_{b,c,h,w} (F_d^{N1}(b,c,h,w) - F_d^{N2}(b,c,h,w))^2   ("Feature Difference Losses")
+    L_FDL^{N1,N2} = (1/D) sum_d L_d^{N1,N2}
+    S^{N1,N2} = (L_1 - L_2)^2,  L_i the cross-entropy L_X(y_hat_i, y) of network i   ("Similarity loss")
+    N_E* = argmin_W -L_FDL + k S + k1 L_X(y_hat_1, y) + k2 L_X(y_hat_2, y)           (the overall criterion)
 
-Reproduce the VGG-16 (2x) CIFAR-100 row of the poster's table (FDL 77.02%; VGG-16 alone 74.61%,
-two independent VGG-16s (RIE) 76.95%; the authors report the best epoch of an open-ended run, we
-report the final epoch; batch 128 and Nesterov as in their code):
-    python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250
-    python fdl.py --model vgg16 --dataset cifar100 --num-nets 2 --batch-size 128 --nesterov --epochs 250 \\
-        --no-fdl --no-similarity                                     # independent networks + head
-CIFAR-10 (94.93%): add --dataset cifar10 --fdl-lr 1e-4; ResNets: --head-lr 0.01.
+The criterion is split into phases ("Phased training") so that no weight k is needed: after
+`--pretrain-epochs` of plain CE, every batch runs four sub-steps, each with a fresh forward and its own
+optimizer, in this order (train_step reads them top to bottom):
+  1. L_X for every network                                      optimizer "main" (the common schedule)
+  2. S for one pair, a random one when N > 2; all N forwarded    "similarity" (the main settings and lr)
+  3. -L_FDL averaged over all pairs, on every conv output before its BN (1x1 projection shortcuts excepted)
+                                                                 "fdl" (constant --fdl-lr, momentum 0.85, Nesterov)
+  4. L_X(head(concat(z_1, ..., z_N)), y), bases frozen (eval mode, no gradient), head Linear(N*C -> C)
+                                                                 "head" (constant --head-lr)
+-L_FDL is unbounded below (scaling a conv raises the difference), hence its tiny constant lr. Each epoch
+logs "fdl" and "feature_diff" (the mean squared feature difference on the CE forward, also with --no-fdl:
+the poster's plot (c)). Each base and the bases' mean logits ("ensemble") are reported beside the head.
+
+Reproduce the poster's VGG-16 (2x) CIFAR-100 row (the defaults are the authors' setting for it: batch 128,
+SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4, FDL lr 1e-5, head lr 0.1, 1 pretrain epoch):
+    python fdl.py                              # poster: FDL (2x) 77.02% top-1
+    python fdl.py --no-fdl --no-similarity     # independent networks: VGG-16 (1x) 74.61% per base, RIE (2x) 76.95%
+The poster prints one top-1 per row, the head's (RIE: an ensemble of independently trained networks, here
+"ensemble"); the authors' code prints the maximum over the epochs of an open-ended run (seeds not stated).
+summary.json's `deployed` is the head's final top-1 and `best` its best epoch (selected on the test set, as
+theirs). CIFAR-10 (FDL 94.93%): `--dataset cifar10`. 3x, 4x ensembles: `--num-nets 3` or `4`; CIFAR
+ResNets: `--model resnet56`; the FDL and head lrs and the pretrain epochs then follow the authors' scripts
+(authors_lrs, and 2 pretrain epochs for VGG-16 x4).
+
+Paper vs code:
+- Schedule: the authors set the CE and similarity lr to 1e-5 + 0.1 exp(-0.03 t) in joint epoch t (2e-5 after
+  t = 220) and run open-ended; the code anneals by cosine over --epochs (250, choice: about where their lr
+  reaches its floor). No flag gives the exponential.
+- One criterion (weights k, k1, k2) in the poster; four sub-steps with their own optimizers in the authors'
+  code (the poster's "Phased training"): the code follows the authors.
+- Layers of L_FDL: not stated in the poster. The authors record every conv output before its BN (VGG-16: 13)
+  and, in their ResNets, the graph nodes named "conv" (no projection shortcut): the code does the same.
+- VGG-16: the authors' is torchvision's vgg16_bn features (five max-pools) and one linear layer; models.py's
+  vgg16 is the CIFAR distillation zoo's (RepDistiller: global average pooling in place of the fifth max-pool),
+  same parameters and the same 13 convs. No flag.
+- The authors' CIFAR ResNets have parameter-free shortcuts and run a second forward to read the features
+  (their BN statistics move twice per sub-step); models.py's have 1x1 projection shortcuts (left out of
+  L_FDL), and one forward reads both.
+- Unused parameters: the authors' torch 1.x zero_grad left zero gradients, so the similarity and FDL
+  optimizers applied momentum and weight decay to every parameter at every step; the code gives the unused
+  parts zero-weight terms, with the same effect.
+- The random pair (N > 2): np.random per batch in the authors' code; here a generator seeded by (seed, step),
+  the same on every rank and after --resume.
+- Reported number: the authors' best epoch; here the final epoch, with the best beside it.
 """
 import argparse
 import json
@@ -87,19 +112,33 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    method = parser.add_argument_group("FDL (paper 002, authors' code)")
+    # the authors' code for the poster's main experiment, VGG-16 x2 on CIFAR-100 (bishshoy/FDL, vgg_cifar100_expt.py):
+    # SGD momentum 0.9, Nesterov, weight decay 5e-4, batch 128, lr 0.1. choice: 250 epochs (their runs are open-ended,
+    # their lr reaches its floor after epoch 220 and their single-network baseline trains 250)
+    parser.set_defaults(model="vgg16", dataset="cifar100", epochs=250, batch_size=128, lr=0.1, momentum=0.9,
+                        weight_decay=5e-4, nesterov=True)
+    method = parser.add_argument_group("FDL (Das & Dutta Roy, BMVC 2022; authors' code bishshoy/FDL)")
     method.add_argument("--num-nets", type=int, default=2, help="number N of identical networks in the pool (2 to 4)")
-    method.add_argument("--pretrain-epochs", type=int, default=1, help="epochs of plain CE per network before the four sub-steps start")
-    method.add_argument("--fdl-lr", type=float, default=1e-5, help="constant lr of the feature difference step (authors: 1e-5 on CIFAR-100, use 1e-4 on CIFAR-10)")
-    method.add_argument("--head-lr", type=float, default=0.1, help="constant lr of the ensemble head (authors: 0.1 for VGG, 0.01 for ResNets)")
+    method.add_argument("--pretrain-epochs", type=int, default=None,
+                        help="epochs of plain CE per network before the four sub-steps start (default: %(default)s = "
+                             "the authors', 2 for VGG x4, else 1)")
+    method.add_argument("--fdl-lr", type=float, default=None,
+                        help="constant lr of the feature difference step (default: %(default)s = the authors' for the "
+                             "model, N and class count, see authors_lrs; VGG-16 x2: 1e-5)")
+    method.add_argument("--head-lr", type=float, default=None,
+                        help="constant lr of the ensemble head (default: %(default)s = the authors', see authors_lrs; "
+                             "VGG-16 x2: 0.1)")
     method.add_argument("--no-fdl", action="store_true", help="skip the feature difference step (ablation)")
     method.add_argument("--no-similarity", action="store_true", help="skip the similarity step (ablation)")
     args = parser.parse_args(argv)
     if not 2 <= args.num_nets <= 4:
         parser.error(f"--num-nets must be 2, 3 or 4 (the poster's 2x-4x ensembles), got {args.num_nets}")
+    if args.pretrain_epochs is None:  # authors: vgg_net_expt_x4.py pretrains each network 2 epochs, the others 1
+        args.pretrain_epochs = 2 if args.model.startswith("vgg") and args.num_nets == 4 else 1
     if not 0 <= args.pretrain_epochs < args.epochs:
-        parser.error(f"--pretrain-epochs must be >= 0 and below --epochs ({args.epochs}) so the head gets trained, got {args.pretrain_epochs}")
-    if args.fdl_lr <= 0 or args.head_lr <= 0:
+        parser.error(f"--pretrain-epochs must be >= 0 and below --epochs ({args.epochs}) so the head gets trained, "
+                     f"got {args.pretrain_epochs}")
+    if min(lr for lr in (args.fdl_lr, args.head_lr, 1) if lr is not None) <= 0:
         parser.error(f"--fdl-lr and --head-lr must be > 0, got {args.fdl_lr} and {args.head_lr}")
     if args.model.startswith("msdnet"):
         parser.error(f"FDL needs single-exit networks; --model {args.model} has one output per exit")
@@ -109,8 +148,8 @@ def parse_args(argv=None):
 # ==== the method ====
 def feature_difference_loss(features_a, features_b):
     """-L_FDL^{a,b} (poster, "Feature Difference Losses"): minus the mean over the D recorded layers of
-    the mean squared difference (1/BCHW) sum (F_d^a - F_d^b)^2. Computed in fp32, summed layer by
-    layer (no stacked copy of the features)."""
+    L_d^{a,b} = (1/BCHW) sum_{b,c,h,w} (F_d^a - F_d^b)^2. Computed in fp32, summed layer by layer (no
+    stacked copy of the features)."""
     total = 0.0
     for feature_a, feature_b in zip(features_a, features_b, strict=True):
         total = total + F.mse_loss(feature_a.float(), feature_b.float())
@@ -130,20 +169,29 @@ def similarity_loss(ce_a, ce_b):
     return (ce_a - ce_b) ** 2
 
 
+def is_projection_shortcut(name):
+    """A residual block's 1x1 projection shortcut: models.py (like torchvision) names it `downsample` or `shortcut`."""
+    return any(part in ("downsample", "shortcut") for part in name.split("."))
+
+
 class ConvOutputRecorder:
-    """Forward hooks on every Conv2d of a network: while `record` runs, each conv's output (before
-    its BatchNorm: the features of the authors' VGG code) is collected, in execution order. The
-    hooks stay registered (no re-registration per step) and do nothing in any other forward."""
+    """Forward hooks on the Conv2d layers of a network: while `record` runs, each conv's output (before
+    its BatchNorm) is collected, in execution order. Recorded: every conv except the 1x1 projection
+    shortcuts of residual blocks, as the authors' code: their VGG features are the 13 conv outputs and
+    their ResNet features the graph nodes named "conv" (stem and residual branches; their CIFAR ResNets
+    have parameter-free shortcuts, and a torchvision `downsample` node is not named "conv"). The hooks
+    stay registered (no re-registration per step) and do nothing in any other forward."""
 
     def __init__(self, network):
         self.outputs = None  # a list only while recording
-        overwritten = set()  # a conv whose next layer works in place (ConvNet's ReLU(inplace=True)) would change the recorded tensor
+        # a conv whose next layer works in place (ConvNet's ReLU(inplace=True)) would change the recorded tensor
+        overwritten = set()
         for module in network.modules():
             layers = list(module.children()) if isinstance(module, torch.nn.Sequential) else []
             overwritten.update(layer for layer, following in zip(layers, layers[1:])
                                if isinstance(layer, torch.nn.Conv2d) and getattr(following, "inplace", False))
-        for module in network.modules():
-            if isinstance(module, torch.nn.Conv2d):
+        for name, module in network.named_modules():
+            if isinstance(module, torch.nn.Conv2d) and not is_projection_shortcut(name):
                 module.register_forward_hook(self._record_copy if module in overwritten else self._record)
 
     def _record(self, module, inputs, output):
@@ -155,12 +203,21 @@ class ConvOutputRecorder:
             self.outputs.append(output.clone())
 
     def record(self, network, images):
-        """`network(images)` (the raw network or its DDP/compiled wrapper) -> (logits, [every Conv2d output])."""
+        """`network(images)` (the raw network or its DDP/compiled wrapper) -> (logits, [recorded conv outputs])."""
         self.outputs = []
         try:
             return network(images), self.outputs
         finally:
             self.outputs = None
+
+
+class EnsembleHead(torch.nn.Linear):
+    """The ensemble head: Linear(N*C -> C) over the bases' concatenated logits (the authors' Conv1d(N*C, C, 1),
+    the same map). Run in fp32 even under autocast, as the classifiers: a bf16 input would round the logits."""
+
+    def forward(self, logits):
+        with torch.autocast(logits.device.type, enabled=False):
+            return super().forward(logits.float())
 
 
 def frozen_base_logits(bases, images):
@@ -174,6 +231,17 @@ def frozen_base_logits(bases, images):
     for base, mode in zip(bases, modes):
         base.train(mode)
     return logits
+
+
+def authors_lrs(model, num_nets, num_classes):
+    """(FDL lr, head lr), both constant, as the authors' scripts set them (bishshoy/FDL): VGG-16 x2 1e-5 and 0.1
+    on CIFAR-10 and CIFAR-100 alike; VGG-16 x3 1e-5 (CIFAR-100) or 1e-4 (CIFAR-10) and 0.1; VGG-16 x4 1e-4 and
+    0.01; CIFAR ResNets x2-x4 1e-5 (CIFAR-100) or 1e-4 (CIFAR-10) and 0.01. choice: any other backbone takes
+    the ResNets' values, and any dataset other than a 10-class one CIFAR-100's."""
+    ten_classes = num_classes == 10
+    if model.startswith("vgg"):
+        return (1e-4 if num_nets == 4 or (num_nets == 3 and ten_classes) else 1e-5), (0.01 if num_nets == 4 else 0.1)
+    return (1e-4 if ten_classes else 1e-5), 0.01
 
 
 def build_networks(args, num_classes, image_size):
@@ -326,15 +394,20 @@ def main(args):
     frozen = set()
     names = list(networks)
     recorders = {name: ConvOutputRecorder(net) for name, net in networks.items()}
-    head = torch.nn.Linear(len(names) * data.num_classes, data.num_classes).to(device)  # the authors' Conv1d(N*C, C, 1)
+    head = EnsembleHead(len(names) * data.num_classes, data.num_classes).to(device)
     # the head is not an image network, so the scaffolding does not wrap it: DDP here all-reduces its gradients
-    train_head = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None) if distributed else head
+    train_head = head if not distributed else DistributedDataParallel(
+        head, device_ids=[device.index] if device.type == "cuda" else None)
     bases = [p for net in networks.values() for p in net.parameters()]
+    fdl_lr, head_lr = authors_lrs(args.model, len(names), data.num_classes)
+    args.fdl_lr = fdl_lr if args.fdl_lr is None else args.fdl_lr  # resolved here and saved with the run's arguments
+    args.head_lr = head_lr if args.head_lr is None else args.head_lr
     # choice: one "main" optimizer for the CE sub-step of all bases; SGD (and AdamW) act per parameter and each
     # CE reaches only its own network, so it steps exactly like the authors' one SGD per network
     optimizers = {"main": make_optimizer(bases, args),
-                  "similarity": make_optimizer(bases, args),  # authors: its own SGD, same settings and lr as the CE ones
-                  "fdl": torch.optim.SGD(bases, lr=args.fdl_lr, momentum=0.85, nesterov=True, weight_decay=args.weight_decay),
+                  "similarity": make_optimizer(bases, args),  # authors: own SGD, the CE ones' settings and lr
+                  "fdl": torch.optim.SGD(bases, lr=args.fdl_lr, momentum=0.85, nesterov=True,
+                                         weight_decay=args.weight_decay),
                   # choice: the head follows the common SGD flags (authors: momentum 0.9, Nesterov, wd 5e-4)
                   "head": torch.optim.SGD(head.parameters(), lr=args.head_lr, momentum=args.momentum,
                                           weight_decay=args.weight_decay, nesterov=args.nesterov)}
@@ -342,7 +415,7 @@ def main(args):
     # authors: the fdl and head lrs are not scheduled; "similarity" copies the main lr when it steps (below), so no
     # scheduler steps it during the pretrain epochs, before its first optimizer step
     constant_lr = {"similarity", "fdl", "head"}
-    pair_generator = torch.Generator()  # the similarity pair: seeded by (seed, step), the same on every rank and on resume
+    pair_generator = torch.Generator()  # the similarity pair: seeded by (seed, step), the same on every rank and resume
 
     # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -381,62 +454,68 @@ def main(args):
               + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
 
     # ==== the method's training step and evaluation outputs ====
-    def optimizer_step(name, loss):
-        backward_step(loss, scaler, optimizers[name])  # "main", "similarity" and "fdl" each clear every base's gradients
-
-    def similarity_pair():
-        if len(names) == 2:
-            return names
-        pair_generator.manual_seed((args.seed << 32) + schedulers["main"].last_epoch)  # last_epoch: optimizer steps so far
-        return [names[k] for k in sorted(torch.randperm(len(names), generator=pair_generator)[:2].tolist())]
-
     def train_step(images, labels, epoch):
-        """One FDL batch: the CE sub-step, then (after the pretrain epochs) the similarity, feature
-        difference and ensemble head sub-steps, each with a fresh forward. Returns the terms as tensors."""
+        """One FDL batch: the poster's criterion -L_FDL + k S + k1 L_X + k2 L_X, split into the authors' four
+        sub-steps ("Phased training"), each with a fresh forward and its own optimizer; during the pretrain
+        epochs only the first. Returns the loss terms as tensors (logged per epoch)."""
         joint = epoch >= args.pretrain_epochs
         not_run = torch.zeros((), device=device)
-        # 1. CE for every network; the conv outputs of this forward measure the feature difference (poster's plot (c))
+
+        # 1. L_X(y_hat_i, y) for every network i (optimizer "main": the common schedule). The conv outputs of
+        #    this forward also measure the feature difference, without gradient (the poster's plot (c))
         with autocast():
             outputs = [recorders[name].record(train_nets[name], images) for name in names]
-        ces = {name: F.cross_entropy(logits.float(), labels) for name, (logits, _) in zip(names, outputs)}
+        ces = [F.cross_entropy(logits.float(), labels) for logits, _ in outputs]
         with torch.no_grad():
             feature_diff = -all_pairs_feature_difference_loss([features for _, features in outputs])
         del outputs  # the recorded features are not kept past the backward
-        optimizer_step("main", sum(ces.values()))
-        # 2. similarity of a pair's CEs, on a fresh forward (measured from step 1's CEs when it does not run)
-        pair = similarity_pair()
+        backward_step(sum(ces), scaler, optimizers["main"])
+
+        # 2. S^{i,j} = (L_i - L_j)^2 for one pair, a random one when N > 2 (optimizer "similarity", the main lr).
+        #    As in the authors' code all N networks run forward (each BN sees the batch as often as in theirs);
+        #    the others enter with weight 0: their gradients are zeros, not None, so DDP finds every parameter
+        #    used and the optimizer applies momentum and weight decay to them as the authors' (torch 1.x zero_grad)
+        pair_generator.manual_seed((args.seed << 32) + schedulers["main"].last_epoch)  # optimizer steps so far
+        i, j = sorted(torch.randperm(len(names), generator=pair_generator)[:2].tolist())
         if joint and not args.no_similarity:
             with autocast():
-                pair_logits = [train_nets[name](images) for name in pair]
-            similarity = similarity_loss(*(F.cross_entropy(logits.float(), labels) for logits in pair_logits))
-            optimizers["similarity"].param_groups[0]["lr"] = optimizers["main"].param_groups[0]["lr"]  # the main schedule
-            optimizer_step("similarity", similarity)
-        else:
-            similarity = similarity_loss(ces[pair[0]], ces[pair[1]]).detach()
-        # 3. feature difference over all pairs (minimised: it pushes the features apart)
+                all_logits = [train_nets[name](images) for name in names]
+            similarity = similarity_loss(F.cross_entropy(all_logits[i].float(), labels),
+                                         F.cross_entropy(all_logits[j].float(), labels))
+            others = sum(logits.float().sum() for k, logits in enumerate(all_logits) if k not in (i, j)) * 0.0
+            optimizers["similarity"].param_groups[0]["lr"] = optimizers["main"].param_groups[0]["lr"]
+            backward_step(similarity + others, scaler, optimizers["similarity"])
+            del all_logits
+        else:  # logged all the same, from sub-step 1's cross-entropies
+            similarity = similarity_loss(ces[i], ces[j]).detach()
+
+        # 3. -L_FDL, averaged over all pairs, minimised: it pushes every recorded conv output apart (optimizer "fdl":
+        #    constant tiny lr, momentum 0.85, Nesterov). The layers after the last conv enter with weight 0, for
+        #    DDP and for this optimizer's weight decay, as in the authors' code
         fdl = not_run
         if joint and not args.no_fdl:
             with autocast():
                 outputs = [recorders[name].record(train_nets[name], images) for name in names]
             fdl = all_pairs_feature_difference_loss([features for _, features in outputs])
-            # a zero term puts the layers after the last conv in the graph: DDP expects every parameter to
-            # get a gradient, and they then take the FDL optimizer's weight decay as in the authors' code
-            unused = sum(logits.float().sum() for logits, _ in outputs) * 0.0
-            optimizer_step("fdl", fdl + unused)
+            after_last_conv = sum(logits.float().sum() for logits, _ in outputs) * 0.0
+            backward_step(fdl + after_last_conv, scaler, optimizers["fdl"])
             del outputs
-        # 4. the ensemble head on the frozen bases' logits
+
+        # 4. L_X(head(concat(z_1, ..., z_N)), y): the ensemble head on the frozen bases' logits (eval mode, no
+        #    gradient; optimizer "head", constant lr)
         head_ce = not_run
         if joint:
             with autocast():
-                head_ce = F.cross_entropy(train_head(frozen_base_logits(list(networks.values()), images)).float(), labels)
-            optimizer_step("head", head_ce)
-        per_network = {f"ce_{name}": ce for name, ce in ces.items()}
-        return {**per_network, "similarity": similarity, "fdl": fdl, "feature_diff": feature_diff, "head_ce": head_ce}
+                head_ce = F.cross_entropy(train_head(frozen_base_logits(list(networks.values()), images)), labels)
+            backward_step(head_ce, scaler, optimizers["head"])
+        return {**{f"ce_{name}": ce for name, ce in zip(names, ces)}, "similarity": similarity, "fdl": fdl,
+                "feature_diff": feature_diff, "head_ce": head_ce}
 
     def predict(images):
         logits = {name: net(images) for name, net in networks.items()}
+        # choice: the bases' mean logits ("ensemble") are reported beside the head, for comparison (RIE)
         return {"head": head(torch.cat(list(logits.values()), dim=1)), **logits,
-                "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+                "ensemble": torch.stack(list(logits.values())).mean(0)}
 
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)

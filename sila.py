@@ -1,40 +1,62 @@
-"""Siamese Labels Auxiliary Learning (SiLa), paper 001.
+"""Siamese Labels Auxiliary Learning (SiLa): W. Gan, Z. Liu, C. L. P. Chen, T. Zhang, "Siamese Labels
+Auxiliary Learning", arXiv:2103.00200, 2021.
 
-C networks (two by default) are trained through one softmax over their concatenated logits, the
-"siamese labels": each network's block of N logits is scored with the true class shifted into that
-block, so every cross-entropy term also pushes on the other networks' logits. At test time the
-coupling is removed and each network predicts with its own N logits (net1 is deployed).
+C networks (two by default) are trained through one softmax over their concatenated logits, the "siamese
+labels": network c's block of N logits is scored with the true class shifted into that block, and since
+all blocks share the softmax, every term also pushes on the other networks' logits. At test time the
+coupling is removed: each network predicts with its own N logits, and net1 is deployed.
 
-    z_bar = concat(z_1, ..., z_C)                    (C*N logits)                      (eq. 9)
-    L_c = CE(z_bar, y + (c-1)*N)                                                       (eq. 8)
-    L_sila = sum_c beta_c * L_c                      (beta_c = 1, `--betas`)           (eq. 10)
+    z_bar = concat(F_1(x), ..., F_C(x))                     (C*N logits)                      (eq. 9)
+    L_c = (1/K) sum_i L_cross(z_bar_i, y_i + (c-1)N)         L_cross: eq. 2 over C*N classes   (eq. 8)
+    L_sila = sum_c beta_c L_c                                beta_c = 1 (`--betas`)            (eq. 10)
+    Theta_c <- Theta_c - gamma_t dL_sila/dTheta_c            every network, one step           (eq. 6-7)
+    Dynamic SiLa: one MSDNet's C exits f_1..f_C as the blocks of z_bar, L_msd_sila = sum_c beta_c L_c  (eq. 11)
 
-This equals sum(beta) times one soft-label cross-entropy over the C*N classes with mass
-beta_c / sum(beta) on class y of block c. There is no per-network CE unless `--plus-ce`.
-`--dml` adds Deep Mutual Learning's KL(p_peer || p_self) per network (peers detached, T = 1,
-summed over classes, averaged over the batch): SiLa+DML, Table 1's best rows. `--no-sila` trains
-each network on its own CE (the independent baseline, IND). Dynamic SiLa (section 3.3, eq. 11):
-with `--model msdnet*` ONE MSDNet is trained and its C exits are concatenated instead; each exit
-is reported ("exit1".."exitC"), net1 = the whole network = its last exit is deployed, and
-`--no-sila` gives MSDNet's own training, the sum of the exits' CEs.
+L_sila equals sum(beta) times one soft-label cross-entropy over the C*N classes with mass beta_c / sum(beta)
+on class y of block c; there is no per-network CE unless `--plus-ce`. `--dml` adds Deep Mutual Learning's
+KL(p_peer || p_self) for each network (SiLa+DML, Table 1's best rows); `--no-sila` trains each network on
+its own CE (IND). With `--model msdnet*` ONE MSDNet is trained with its exits concatenated; every exit is
+reported ("exit1".."exitC"), net1 is the whole network (its last exit), and `--no-sila` is MSDNet's own
+training, the sum of the exits' CEs.
 
-Reproduce Table 1's ResNet-18 / CIFAR-100 rows (section 4.1: 260 epochs, batch 128, lr 0.1,
-MultiStep at the milestones below; the paper states no factor, so PyTorch's default 0.1 is assumed
-(the lr is then 1e-4 from epoch 80 on) and no weight decay, so SPEC's 5e-4 is used). Paper, final
-top-1 of net1 (net2), averaged over several runs: IND 76.45%, SiLa 77.85%, SiLa+DML 78.13% (78.03%),
-DML alone 77.07% (77.46%):
-    python sila.py --model resnet18 --dataset cifar100 --epochs 260 --batch-size 128 \\
-        --schedule multistep --milestones 30 55 80 105 135 160 180 200 220 240 --gamma 0.1
-    ... --no-sila                      # IND (net1 and net2 are two independent runs)
-    ... --dml                          # SiLa+DML
-    ... --no-sila --dml                # DML alone
-A mixed pair (Table 1: MobileNet 69.17% + ResNet-18 77.20% with SiLa): --models mobilenet,resnet18
-Dynamic SiLa on MSDNet / CIFAR-100 (section 4.2: 300 epochs, batch 64, lr 0.1, /10 at 150 and
-"255", read as MSDNet's 225; weight decay 1e-4 as MSDNet's code; results only as curves, Fig. 4-5):
-    python sila.py --model msdnet7 --dataset cifar100 --epochs 300 --batch-size 64 \\
-        --weight-decay 1e-4 --schedule multistep --milestones 150 225
-    ... --no-sila                      # the MSDNet baseline
-Budgeted batch (Fig. 4): --model msdnet5_lingrow --subset 45000, then `analysis.py msdnet RUN`.
+Reproduce Table 1, ResNet-18 + ResNet-18, CIFAR-100 (the defaults are section 4.1's setting: 260 epochs,
+batch 128, lr 0.1, MultiStep at 30, 55, 80, 105, 135, 160, 180, 200, 220, 240):
+    python sila.py                              # paper: SiLa, net1 77.85% top-1
+Table 1 prints each network's top-1 at the end of training (net1, and net2 where the row lists it), its best
+epoch (BEST: 78.08% here), top-5 and NLL, each "averaged over multiple experiments" (how many is not said).
+summary.json's `deployed` is net1's final top-1, `best` the best epoch (selected on the test set, as BEST);
+average several `--seed` runs. Other rows, same command plus:
+    --no-sila                  IND 76.45% (one network; here net1 and net2 are two independent ones)
+    --dml                      SiLa+DML 78.13% (net2 78.03%)
+    --no-sila --dml            DML 77.07% (net2 77.46%)
+    --models mobilenet,resnet18                  SiLa, mixed pair: 69.17% / 77.20%
+Table 3 (AutoAugment) prints top-1 with top-2 (CIFAR-10) or top-5 (CIFAR-100), which every epoch line and
+summary.json carry: `--augment autoaugment --model resnet34` gives its SiLa row, net1 80.60% on CIFAR-100.
+Dynamic SiLa on MSDNet, CIFAR-100 (section 4.2; the results are curves only, Fig. 4-5):
+    python sila.py --model msdnet10 --epochs 300 --batch-size 64 --weight-decay 1e-4 \\
+        --milestones 150 225 --gamma 0.1 --holdout 5000
+    ... --no-sila                                # the MSDNet baseline
+    python analysis.py msdnet RUN                # anytime (Fig. 5) and budgeted batch (Fig. 4) accuracy
+`--holdout 5000` keeps 5,000 class-stratified training images out of training (MSDNet's protocol) and records
+them (holdout.json); analysis.py fits the budgeted-batch confidence thresholds on exactly those images, never
+on images the network trained on. MSDNet's budgeted-batch CIFAR network: `--model msdnet5_lingrow`.
+
+Paper vs code:
+- MultiStep factor: not stated. Code: x0.5 at each milestone (0.1 -> 9.8e-5 at epoch 240); PyTorch's default
+  x0.1 would leave the lr at 1e-5 from epoch 105 and 1e-11 at 240, so seven milestones could change nothing
+  (section 4.2, meaning x0.1, says "divided by 10"). PyTorch's default factor: `--gamma 0.1`.
+- Momentum, weight decay, Nesterov: not stated. Code: 0.9, 5e-4, off (the values of the CIFAR distillation
+  benchmarks, RepDistiller); MSDNet runs: weight decay 1e-4 (MSDNet's code, kalviny/MSDNet-PyTorch).
+- Section 4.2's milestones "150 and 255": read as 150 and 225, where MSDNet's code divides (at 50% and 75% of
+  its 300 epochs), as 255 looks like a transposition. Printed: `--milestones 150 255`.
+- Algorithm 1 (eq. 6-7) writes Theta + gamma dL/dTheta; the code descends the loss (the sign is a typo).
+- Eq. 8-10 are written for C = 2; the code takes any C (`--models a,b,c`), as eq. 11 does for exits.
+- MSDNet size: not stated. Code: MSDNet's anytime CIFAR network (10 blocks, step 2, base 4: `msdnet10`).
+- SiLa+DML: the combined loss is not written. Code: L_sila + sum_k KL(p_peer || p_self) for network k (T = 1,
+  weight 1, peers detached, averaged over the batch), every network stepping on one forward.
+- Table 1's data augmentation is not stated. Code: random crop with 4-pixel padding + horizontal flip.
+- `--plus-ce` and unequal `--betas` are extensions (off); "ensemble" (the mean of the networks' logits) is
+  reported for information: the paper deploys one network.
 """
 import argparse
 import json
@@ -91,21 +113,39 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    method = parser.add_argument_group("SiLa (paper 001)")
-    method.add_argument("--models", default=None, help="comma-separated architectures, one per network (a mixed group, e.g. mobilenet,resnet18); default: two of --model")
-    method.add_argument("--betas", type=float, nargs="+", default=None, help="weight beta_c of each network's (or MSDNet exit's) term, eq. 10-11; default: all 1")
-    method.add_argument("--plus-ce", action="store_true", help="add each network's own cross-entropy on its N logits to the SiLa loss")
-    method.add_argument("--dml", action="store_true", help="SiLa+DML: add KL(p_peer || p_self) per network, peers detached, T = 1 (Table 1)")
-    method.add_argument("--no-sila", action="store_true", help="each network (MSDNet: each exit) on its own CE: the independent / MSDNet baseline")
+    # SiLa section 4.1 (Table 1, CIFAR-100): 260 epochs, SGD, batch 128, lr 0.1, MultiStep at ten milestones.
+    # choice: x0.5 at each milestone. The paper names no factor; PyTorch's default 0.1 would take the lr to 1e-5 at
+    # epoch 105 and to 1e-11 at 240, below the fp32 resolution of the weights, so the last milestones could change
+    # nothing; x0.5 makes each milestone a step and ends at 0.1 / 2^10 = 9.8e-5 (section 4.2, where the paper means
+    # x0.1, says "divided by 10"). `--gamma 0.1` gives PyTorch's default. Momentum and weight decay are not stated
+    # either: choice, the CIFAR values of the knowledge-distillation benchmarks (RepDistiller): 0.9 and 5e-4.
+    parser.set_defaults(model="resnet18", dataset="cifar100", epochs=260, batch_size=128, lr=0.1, momentum=0.9,
+                        weight_decay=5e-4, nesterov=False, schedule="multistep",
+                        milestones=[30, 55, 80, 105, 135, 160, 180, 200, 220, 240], gamma=0.5)
+    method = parser.add_argument_group("SiLa (Gan et al. 2021, arXiv:2103.00200)")
+    method.add_argument("--models", default=None,
+                        help="comma-separated architectures, one per network (a mixed group, e.g. mobilenet,resnet18); "
+                             "default: two of --model")
+    method.add_argument("--betas", type=float, nargs="+", default=None,
+                        help="weight beta_c of each network's (or MSDNet exit's) term, eq. 10-11; default: all 1")
+    method.add_argument("--plus-ce", action="store_true",
+                        help="add each network's own cross-entropy on its N logits to the SiLa loss")
+    method.add_argument("--dml", action="store_true",
+                        help="SiLa+DML: add KL(p_peer || p_self) per network, peers detached, T = 1 (Table 1)")
+    method.add_argument("--no-sila", action="store_true",
+                        help="each network (MSDNet: each exit) on its own CE: the independent / MSDNet baseline")
     args = parser.parse_args(argv)
     args.models = args.models.split(",") if isinstance(args.models, str) else args.models
     if args.models is not None and len(args.models) < 2:
         parser.error("SiLa needs at least 2 networks: --models a,b (or --model msdnet* for one network's exits)")
     if args.models is not None and any(name.startswith("msdnet") for name in [args.model, *args.models]):
-        parser.error("an MSDNet is trained alone (dynamic SiLa concatenates its exits): give --model msdnet* without --models")
+        parser.error("an MSDNet is trained alone (dynamic SiLa concatenates its exits): "
+                     "give --model msdnet* without --models")
     architectures = args.models or [args.model] * 2
-    if args.betas is not None and not is_dynamic(args) and len(args.betas) != len(architectures):  # MSDNet exits: checked once built
-        parser.error(f"--betas has {len(args.betas)} values but there are {len(architectures)} networks ({', '.join(architectures)})")
+    # an MSDNet's exits are counted once it is built
+    if args.betas is not None and not is_dynamic(args) and len(args.betas) != len(architectures):
+        parser.error(f"--betas has {len(args.betas)} values but there are {len(architectures)} networks "
+                     f"({', '.join(architectures)})")
     if args.betas is not None and (min(args.betas) < 0 or sum(args.betas) <= 0):
         parser.error(f"--betas must be >= 0 and not all 0, got {args.betas}")
     if args.no_sila and args.plus_ce:
@@ -139,18 +179,6 @@ def mutual_kl(logits_list):
         peers = [peer.detach() for l, peer in enumerate(log_probs) if l != k]
         kls.append(sum(F.kl_div(own, peer, reduction="batchmean", log_target=True) for peer in peers) / len(peers))
     return kls
-
-
-def training_loss(logits_list, targets, betas, sila=True, plus_ce=False, dml=False):
-    """The loss of one step: L_sila (eq. 10/11) or, with sila=False, sum_c beta_c * CE(z_c, y) (the
-    independent / MSDNet baseline); plus that per-network CE when plus_ce; plus sum_k KL_k when dml.
-    Returns (loss, sila_term or None, per-network CEs, per-network KLs or [])."""
-    cross_entropies = [F.cross_entropy(logits.float(), targets) for logits in logits_list]
-    own_ce = sum(beta * ce for beta, ce in zip(betas, cross_entropies))  # choice: betas weigh the baseline's terms too
-    sila_term = sila_loss(logits_list, targets, betas) if sila else None
-    loss = sila_term + own_ce if sila and plus_ce else sila_term if sila else own_ce
-    kls = mutual_kl(logits_list) if dml else []
-    return loss + sum(kls), sila_term, cross_entropies, kls
 
 
 def is_dynamic(args):
@@ -316,7 +344,8 @@ def main(args):
     betas = args.betas or [1.0] * len(members)
     if len(betas) != len(members):  # the networks' count was checked in parse_args; the exits' needs the MSDNet
         fail(f"--betas has {len(betas)} values but there are {len(members)} exits in {args.model}")
-    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}  # eq. 6-7: one loss, one step
+    # eq. 6-7: one loss, one optimizer step of every network
+    optimizers = {"main": make_optimizer([p for net in networks.values() for p in net.parameters()], args)}
     extra_modules = {}  # trainable parts that are not networks: none (the SiLa module is a concatenation)
     constant_lr = set()  # optimizers that do not follow the main schedule: none here
 
@@ -358,23 +387,34 @@ def main(args):
 
     # ==== the method's training step and evaluation outputs ====
     def train_step(images, labels, epoch):
-        """One SiLa step (Algorithm 1) on a batch; returns the loss terms as tensors (logged per epoch)."""
+        """One step of Algorithm 1: the siamese labels (eq. 9), L_sila (eq. 10; eq. 11 on the exits) and one
+        gradient step of every network on it (eq. 6-7). Returns the loss terms as tensors (logged per epoch)."""
         with autocast():
             outputs = [train_nets[name](images) for name in networks]
-        logits = outputs[0] if dynamic else outputs  # the C logit tensors of eq. 9 / eq. 11
-        loss, sila_term, cross_entropies, kls = training_loss(logits, labels, betas, not args.no_sila, args.plus_ce, args.dml)
-        backward_step(loss, scaler, optimizers["main"])
-        terms = {"loss": loss, **({"sila": sila_term} if sila_term is not None else {})}
-        terms.update({f"ce_{name}": ce for name, ce in zip(members, cross_entropies)})
-        terms.update({f"kl_{name}": kl for name, kl in zip(members, kls)})
-        return terms
+        logits = outputs[0] if dynamic else outputs  # z_1..z_C: the networks' logits, or the MSDNet's exits
+        # each member's own CE on its N logits (fp32): the whole loss of IND / MSDNet (--no-sila), added by
+        # --plus-ce, always logged. choice: the betas weigh these terms too
+        cross_entropies = [F.cross_entropy(member.float(), labels) for member in logits]
+        own_ce = sum(beta * ce for beta, ce in zip(betas, cross_entropies))
+        terms = {}
+        if args.no_sila:
+            loss = own_ce
+        else:
+            terms["sila"] = sila_loss(logits, labels, betas)  # eq. 8-10: one softmax over the C*N siamese labels
+            loss = terms["sila"] + own_ce if args.plus_ce else terms["sila"]
+        kls = mutual_kl(logits) if args.dml else []  # SiLa+DML: each network's DML term, peers detached
+        loss = loss + sum(kls)
+        backward_step(loss, scaler, optimizers["main"])  # eq. 6-7: one loss, one step of every network
+        return {"loss": loss, **terms, **{f"ce_{name}": ce for name, ce in zip(members, cross_entropies)},
+                **{f"kl_{name}": kl for name, kl in zip(members, kls)}}
 
     def predict(images):  # test time: no coupling, each network (exit) on its own N logits
         if dynamic:
             exits = networks["net1"](images)
             return {**dict(zip(members, exits)), "net1": exits[-1]}
         logits = {name: net(images) for name, net in networks.items()}
-        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+        # choice: the networks' mean logits, reported for information (the paper deploys one network)
+        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}
 
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)

@@ -1,6 +1,7 @@
-"""FDL (paper 002): the losses against hand-computed values, the recorded conv features, the head step
-leaving the bases unchanged, the feature difference step pushing features apart, and the script end
-to end (outputs, resume across the pretrain phase, bad input)."""
+"""FDL (Das & Dutta Roy, identical neural networks; authors' code bishshoy/FDL): the losses against
+hand-computed values, the recorded conv features, the head step leaving the bases unchanged, the
+feature difference step pushing features apart, the authors' recipes, and the script end to end
+(every sub-step's forwards, outputs, resume across the pretrain phase, bad input)."""
 import json
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_RUN, read_summary, require_cifar10_small, run_script, parse_error
-from fdl import (ConvOutputRecorder, all_pairs_feature_difference_loss, feature_difference_loss, frozen_base_logits,
-                 parse_args, similarity_loss)
+from fdl import (ConvOutputRecorder, all_pairs_feature_difference_loss, authors_lrs, feature_difference_loss,
+                 frozen_base_logits, parse_args, similarity_loss)
 from models import build_model
 
 
@@ -33,12 +34,19 @@ def test_similarity_loss_is_squared_ce_difference_and_reaches_both():
 
 
 # ---- mechanisms ----
-def test_recorder_collects_every_conv_output_before_its_batchnorm_and_only_while_recording():
+def test_recorder_collects_every_conv_output_but_the_shortcuts_before_its_batchnorm_and_only_while_recording():
     torch.manual_seed(0)
     network, images = build_model("resnet20", 10), torch.randn(2, 3, 32, 32)
     recorder = ConvOutputRecorder(network)
     logits, features = recorder.record(network, images)
-    assert len(features) == sum(isinstance(m, torch.nn.Conv2d) for m in network.modules())
+    # the stem and the 18 convs of the residual branches; not the two 1x1 projection shortcuts (authors' code)
+    assert len(features) == 19 == sum(isinstance(m, torch.nn.Conv2d) for m in network.modules()) - 2
+    assert [f.shape[1] for f in features] == [16] * 7 + [32] * 6 + [64] * 6
+    shortcut_outputs = []
+    for stage in (1, 2):
+        network.stages[stage][0].downsample[0].register_forward_hook(lambda m, i, output: shortcut_outputs.append(output))
+    _, features = recorder.record(network, images)
+    assert len(shortcut_outputs) == 2 and not any(f is output for f in features for output in shortcut_outputs)
     assert torch.equal(features[0], network.stem[0](images))  # the stem conv, before its BN
     assert torch.allclose(logits, network(images)) and recorder.outputs is None
     # ConvNet's ReLU(inplace=True) follows each conv: the recorded outputs are still the pre-ReLU values
@@ -82,6 +90,44 @@ def test_feature_difference_steps_move_the_features_apart():
         optimizer.step()
         differences.append(mean_squared_feature_difference(networks, recorders, images))
     assert differences == sorted(differences) and differences[-1] > 1.5 * differences[0]  # 3.24 -> 5.68 measured
+
+
+# ---- the recipes ----
+def test_authors_learning_rates():
+    """bishshoy/FDL: VGG-16 x2 uses FDL lr 1e-5 and head lr 0.1 on CIFAR-10 as on CIFAR-100 (not 1e-4); x3 1e-4 on
+    CIFAR-10 only; x4 1e-4 and 0.01; the CIFAR ResNets 1e-5 (CIFAR-100) or 1e-4 (CIFAR-10) and 0.01."""
+    assert authors_lrs("vgg16", 2, 10) == authors_lrs("vgg16", 2, 100) == (1e-5, 0.1)
+    assert authors_lrs("vgg16", 3, 10) == (1e-4, 0.1) and authors_lrs("vgg16", 3, 100) == (1e-5, 0.1)
+    assert authors_lrs("vgg16", 4, 10) == authors_lrs("vgg16", 4, 100) == (1e-4, 0.01)
+    for n in (2, 3, 4):
+        assert authors_lrs("resnet20", n, 10) == (1e-4, 0.01) and authors_lrs("resnet56", n, 100) == (1e-5, 0.01)
+
+
+def test_defaults_are_the_authors_vgg16_cifar100_setting():
+    args = parse_args([])
+    assert (args.model, args.dataset, args.batch_size, args.lr, args.nesterov) == ("vgg16", "cifar100", 128, 0.1, True)
+    assert (args.momentum, args.weight_decay, args.num_nets, args.pretrain_epochs) == (0.9, 5e-4, 2, 1)
+    assert args.fdl_lr is None and args.head_lr is None  # resolved by authors_lrs once the class count is known
+    assert parse_args(["--num-nets", "4"]).pretrain_epochs == 2  # authors' vgg_net_expt_x4.py
+    assert parse_args(["--num-nets", "4", "--model", "resnet20"]).pretrain_epochs == 1
+
+
+def test_every_sub_step_forwards_all_networks_and_the_lrs_follow_the_authors(cifar10_small, tmp_path):
+    """With 3 networks the similarity sub-step forwards all of them (authors' code), so every BatchNorm counts
+    each joint batch 3 times (CE, similarity, FDL; the head runs the bases in eval mode) and each pretrain batch
+    once. The FDL and head lrs default to the authors' values for a CIFAR ResNet on 10 classes."""
+    out = tmp_path / "run"
+    result = run_script("fdl.py", *TINY_RUN, "--model", "resnet20", "--subset", "32", "--batch-size", "16", "--epochs", "2",
+                        "--pretrain-epochs", "1", "--num-nets", "3", "--dataset", cifar10_small, "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    steps_per_epoch = checkpoint["schedulers"]["main"]["last_epoch"] // 2
+    for name in ("base1", "base2", "base3"):
+        counts = {v.item() for k, v in checkpoint["networks"][name].items() if k.endswith("num_batches_tracked")}
+        assert counts == {steps_per_epoch * (1 + 3)}, (name, counts)
+    assert checkpoint["optimizers"]["fdl"]["param_groups"][0]["lr"] == 1e-4
+    assert checkpoint["optimizers"]["head"]["param_groups"][0]["lr"] == 0.01
+    assert (checkpoint["args"]["fdl_lr"], checkpoint["args"]["head_lr"]) == (1e-4, 0.01)
 
 
 # ---- the script end to end ----

@@ -1,6 +1,6 @@
-"""SiLa (paper 001): the siamese-label loss against hand-computed values and its soft-label reading,
-where its gradient goes, dynamic SiLa on a multi-exit network, and the script end to end (two
-networks and an MSDNet; outputs, resume, bad input)."""
+"""SiLa (Gan et al. 2021, arXiv:2103.00200): the siamese-label loss against hand-computed values and
+its soft-label reading, where its gradient goes, dynamic SiLa on a multi-exit network, the default
+recipe's schedule, and the script end to end (two networks and an MSDNet; outputs, resume, bad input)."""
 import json
 import math
 
@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script, parse_error
-from sila import mutual_kl, parse_args, sila_loss, training_loss
+from sila import lr_factor, mutual_kl, parse_args, sila_loss
 
 
 # ---- losses ----
@@ -77,27 +77,29 @@ def test_dynamic_sila_on_three_exits():
     torch.manual_seed(0)
     net, x, y = ThreeExitNet(), torch.randn(8, 6), torch.randint(0, 4, (8,))
     exits = net(x)
-    loss, sila_term, cross_entropies, kls = training_loss(exits, y, [1.0, 1.0, 1.0])
     log_probs = F.log_softmax(torch.cat(exits, 1), 1)  # eq. 11: one softmax over the 12 exit logits
     expected = sum(-log_probs[torch.arange(8), y + 4 * c].mean() for c in range(3))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and sila_term is not None and kls == []
-    # --no-sila: MSDNet's own training, the sum of the exits' cross-entropies
-    baseline, none, _, _ = training_loss(exits, y, [1.0, 1.0, 1.0], sila=False)
-    assert none is None
-    assert baseline.item() == pytest.approx(sum(F.cross_entropy(z, y) for z in exits).item(), rel=1e-6)
+    assert sila_loss(exits, y, [1.0, 1.0, 1.0]).item() == pytest.approx(expected.item(), rel=1e-6)
     # the first exit's classifier learns from the deeper exits' terms (they share its softmax)
     sila_loss(exits, y, [0.0, 1.0, 1.0]).backward()
     assert net.classifiers[0].weight.grad.abs().sum() > 0
 
 
-def test_plus_ce_and_dml_terms():
+def test_sila_loss_and_kl_are_fp32_on_bf16_logits():
+    """Losses between networks are computed in fp32 whatever the autocast dtype of the logits."""
     torch.manual_seed(0)
-    logits, targets, betas = [torch.randn(5, 3), torch.randn(5, 3)], torch.randint(0, 3, (5,)), [1.0, 2.0]
-    sila_only, sila_term, ces, _ = training_loss(logits, targets, betas)
-    plus_ce, _, _, _ = training_loss(logits, targets, betas, plus_ce=True)
-    assert plus_ce.item() == pytest.approx((sila_term + ces[0] + 2 * ces[1]).item(), rel=1e-6)
-    with_dml, _, _, kls = training_loss(logits, targets, betas, dml=True)
-    assert with_dml.item() == pytest.approx((sila_only + kls[0] + kls[1]).item(), rel=1e-6)
+    logits, targets = [torch.randn(4, 5), torch.randn(4, 5)], torch.randint(0, 5, (4,))
+    low = [z.bfloat16() for z in logits]
+    assert sila_loss(low, targets, [1.0, 1.0]).dtype == torch.float32
+    assert sila_loss(low, targets, [1.0, 1.0]).item() == pytest.approx(
+        sila_loss([z.float() for z in low], targets, [1.0, 1.0]).item(), rel=1e-6)
+    assert all(kl.dtype == torch.float32 for kl in mutual_kl(low))
+
+
+def test_dml_term_is_kl_of_peer_to_self_summed_over_classes():
+    torch.manual_seed(0)
+    logits = [torch.randn(5, 3), torch.randn(5, 3)]
+    kls = mutual_kl(logits)
     p_peer, log_p_self = F.softmax(logits[1], 1), F.log_softmax(logits[0], 1)  # KL(p_2 || p_1), batchmean
     assert kls[0].item() == pytest.approx((p_peer * (p_peer.log() - log_p_self)).sum(1).mean().item(), rel=1e-5)
 
@@ -114,6 +116,21 @@ def test_dml_term_of_network_k_reaches_only_network_k():
 def test_sila_loss_rejects_betas_of_the_wrong_length():
     with pytest.raises(ValueError, match="2 betas for 3"):
         sila_loss([torch.zeros(1, 2)] * 3, torch.tensor([0]), [1.0, 1.0])
+
+
+# ---- the recipe ----
+def test_default_schedule_is_section_4_1_halved_at_each_of_the_ten_milestones():
+    """Section 4.1: 260 epochs, batch 128, lr 0.1, MultiStep at 30, 55, ..., 240. With x0.5 per milestone the
+    lr ends at 0.1 / 2^10 (not 1e-11, as PyTorch's default x0.1 would make it) and every milestone halves it."""
+    args = parse_args([])
+    assert (args.model, args.dataset, args.epochs, args.batch_size, args.lr) == ("resnet18", "cifar100", 260, 128, 0.1)
+    lr_at = {epoch: args.lr * lr_factor(epoch * 10, 10, args) for epoch in (0, 29, 30, 54, 55, 80, 105, 135, 239, 240, 259)}
+    expected = {0: 0.1, 29: 0.1, 30: 0.05, 54: 0.05, 55: 0.025, 80: 0.1 / 8, 105: 0.1 / 16, 135: 0.1 / 32,
+                239: 0.1 / 512, 240: 0.1 / 1024, 259: 0.1 / 1024}
+    assert lr_at == pytest.approx(expected, rel=1e-12)
+    assert args.momentum == 0.9 and args.weight_decay == 5e-4 and not args.nesterov
+    # the literal PyTorch default stays one flag away
+    assert parse_args(["--gamma", "0.1"]).gamma == 0.1
 
 
 # ---- the script end to end ----
@@ -154,7 +171,13 @@ def test_msdnet_exits_write_checkpoint_and_summary(cifar10_small, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
-    check_resume_equals_uninterrupted("sila.py", [*TINY_RUN, *SMALL, "--dataset", cifar10_small], tmp_path)
+    """On the DML baseline (--no-sila --dml): each network's own CE plus its KL, no SiLa term."""
+    straight, _ = check_resume_equals_uninterrupted("sila.py", [*TINY_RUN, *SMALL, "--dataset", cifar10_small,
+                                                               "--no-sila", "--dml"], tmp_path)
+    losses = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["losses"]
+    assert set(losses) == {"loss", "ce_net1", "ce_net2", "kl_net1", "kl_net2"}
+    assert losses["loss"] == pytest.approx(losses["ce_net1"] + losses["ce_net2"] + losses["kl_net1"] + losses["kl_net2"],
+                                           rel=1e-4)
 
 
 @pytest.mark.parametrize("args,message", [
