@@ -55,7 +55,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "imagenet100", "mnist", "fake",
+DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "imagenet100", "mnist", "sample", "fake",
             "folder:PATH", "PATH.npz")
 AUGMENTS = ("standard", "none", "autoaugment")
 
@@ -66,6 +66,8 @@ IMAGENET100_CLASSES = 100  # the first 100 WordNet ids in sorted order
 FOLDER_IMAGE_SIZE, FOLDER_RESIZE = 224, 256
 FAKE_TRAIN, FAKE_TEST, FAKE_CLASSES, FAKE_SIZE = 1024, 256, 10, 32
 TINYIMAGENET_CACHE = "tinyimagenet_uint8.npz"
+# The CIFAR-10 sample shipped with the repository (1,000 train / 200 test images; samples/README.md).
+SAMPLE_NPZ = Path(__file__).resolve().parent / "samples" / "cifar10_sample.npz"
 
 # Distinct streams of the (seed, epoch) generators, so that the permutation and the crops
 # are not drawn from the same numbers.
@@ -425,6 +427,8 @@ def _load_arrays(name: str, data_dir: str) -> ImageArrays:
         return _load_tinyimagenet(data_dir)
     if name == "fake":
         return _make_fake()
+    if name == "sample":
+        return _load_npz(SAMPLE_NPZ)
     if name.endswith(".npz"):
         return _load_npz(_resolve_npz(name, data_dir))
     raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")

@@ -234,3 +234,13 @@ def test_imagenet100_keeps_first_100_sorted_classes(tmp_path):
     loaded = data.build_data("imagenet100", data_dir=str(tmp_path), batch_size=50, num_workers=0)
     assert loaded.num_classes == 100 and loaded.class_names == sorted(names)[:100]
     assert loaded.test.num_samples == 100
+
+
+def test_sample_dataset_ships_with_the_repository_and_loads_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = data.build_data("sample", batch_size=100, augment="none")
+    assert (loaded.num_classes, loaded.image_size, loaded.class_names[0]) == (10, 32, "airplane")
+    assert (len(loaded.train), loaded.test.num_samples) == (10, 200)
+    assert torch.equal(loaded.train.labels.bincount(), torch.full((10,), 100))
+    assert torch.equal(loaded.test.labels.bincount(), torch.full((10,), 20))
+    assert data.SAMPLE_NPZ.stat().st_size < 5_000_000 and "sample" in data.DATASETS
