@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -276,10 +277,6 @@ class ImageArrays:
     grouped_by_class: bool = False
 
 
-def _nhwc_to_nchw(images) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(images, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous()
-
-
 def _arrays_with_own_stats(train_images, train_labels, test_images, test_labels, class_names,
                            grouped_by_class=False, crop_flip=None, mean=None, std=None) -> ImageArrays:
     """ImageArrays from uint8 NCHW tensors; mean/std default to the training images' own, the
@@ -293,20 +290,88 @@ def _arrays_with_own_stats(train_images, train_labels, test_images, test_labels,
                        grouped_by_class)
 
 
-def _arrays_from_npz_layout(arrays, grouped_by_class: bool = False) -> ImageArrays:
-    """x_train, y_train, x_test, y_test (uint8 NHWC, int labels) and optional classes, from
-    an opened .npz or a dict with those keys."""
-    num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
-    class_names = (arrays["classes"].tolist() if "classes" in arrays
-                   else [str(label) for label in range(num_classes)])
-    return _arrays_with_own_stats(_nhwc_to_nchw(arrays["x_train"]), arrays["y_train"],
-                                  _nhwc_to_nchw(arrays["x_test"]), arrays["y_test"],
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _checked_images(images: np.ndarray, where: str) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] (or grey [N, H, W] / [N, H, W, 1]) as a uint8 tensor [N, 3, H, W],
+    or a ValueError naming what is wrong and what is accepted."""
+    accepted = "expected uint8 images [N, H, W, 3] (NHWC, RGB, 0-255) or [N, H, W] (grey)"
+    if images.size == 0:
+        raise ValueError(f"{where} is empty (shape {images.shape}): {accepted}")
+    if images.dtype != np.uint8:
+        hint = " (e.g. store (x * 255).round().astype(np.uint8))" if images.dtype.kind == "f" else ""
+        raise ValueError(f"{where} is {images.dtype}: {accepted}{hint}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
+        raise ValueError(f"{where} has shape {images.shape}, which is NCHW: {accepted} "
+                         f"(store x.transpose(0, 2, 3, 1))")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{where} has shape {images.shape}: {accepted}")
+    # choice: grey images are repeated to 3 channels (as MNIST is), so every model runs on them unchanged
+    return torch.as_tensor(images).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
+
+
+def _checked_labels(labels: np.ndarray, num_images: int, where: str) -> torch.Tensor:
+    """Integer class indices [N], one per image, none negative, as an int64 tensor (or a ValueError)."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{where} is {labels.dtype} of shape {labels.shape}: expected integer class "
+                         f"indices [N] (one per image, not one-hot)")
+    if len(labels) != num_images:
+        raise ValueError(f"{where} holds {len(labels)} labels for {num_images} images: expected one per image")
+    if labels.min() < 0:
+        raise ValueError(f"{where} holds negative labels (min {labels.min()}): expected 0..C-1")
+    return torch.as_tensor(labels.astype(np.int64))
+
+
+def _arrays_from_npz_layout(arrays, source, grouped_by_class: bool = False) -> ImageArrays:
+    """x_train, y_train, x_test, y_test (uint8 NHWC, integer labels) and optional classes, from an
+    opened .npz or a dict with those keys, checked: every problem is a one-line ValueError naming
+    ``source`` and the array."""
+    missing = [key for key in NPZ_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"{source}: no {', '.join(missing)}; an .npz dataset holds {', '.join(NPZ_KEYS)} "
+                         f"(uint8 images [N, H, W, 3], integer labels [N]) and optionally classes")
+    images, labels = {}, {}
+    for split in ("train", "test"):
+        images[split] = _checked_images(arrays[f"x_{split}"], f"{source}: x_{split}")
+        labels[split] = _checked_labels(arrays[f"y_{split}"], len(images[split]), f"{source}: y_{split}")
+    if images["train"].shape[1:] != images["test"].shape[1:]:
+        raise ValueError(f"{source}: x_train images are {tuple(images['train'].shape[2:])} px but x_test images "
+                         f"{tuple(images['test'].shape[2:])} px: both splits need one image size")
+    present = labels["train"].unique()
+    if len(present) < 2:
+        raise ValueError(f"{source}: y_train holds one class ({present.tolist()[0]}): training needs at least 2")
+    largest = max(int(labels["train"].max()), int(labels["test"].max()))
+    class_names = arrays["classes"].tolist() if "classes" in arrays else list(range(largest + 1))
+    if largest >= len(class_names):
+        split = "train" if int(labels["train"].max()) == largest else "test"
+        raise ValueError(f"{source}: y_{split} holds label {largest} but classes names {len(class_names)} "
+                         f"classes: expected labels 0..{len(class_names) - 1}")
+    return _arrays_with_own_stats(images["train"], labels["train"], images["test"], labels["test"],
                                   class_names, grouped_by_class)
 
 
+def _read_npz(path: Path) -> dict:
+    """Every array of an .npz file, or a one-line ValueError saying why they cannot be read."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive (the zip of .npy arrays that np.savez writes)")
+    try:
+        with np.load(path) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # object arrays, damaged members
+        raise ValueError(f"{path}: cannot read its arrays ({_reason(error)})") from None
+
+
 def _load_npz(path: Path, grouped_by_class: bool = False) -> ImageArrays:
-    with np.load(path) as arrays:
-        return _arrays_from_npz_layout(arrays, grouped_by_class)
+    return _arrays_from_npz_layout(_read_npz(path), path, grouped_by_class)
 
 
 # name: (torchvision class, what to place in data_dir and where to get it, mean, std; None: the
@@ -336,8 +401,7 @@ def _open_torchvision(name: str, data_dir: str, train: bool):
     try:
         return dataset_class(root=data_dir, train=train, download=True)
     except (OSError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(f"{name} not found in {data_dir} and the download failed ({reason}): "
+        raise FileNotFoundError(f"{name} not found in {data_dir} and the download failed ({_reason(error)}): "
                                 f"place {files_hint} in {data_dir}") from None
 
 
@@ -351,8 +415,8 @@ def _load_torchvision(name: str, data_dir: str) -> ImageArrays:
         return _arrays_with_own_stats(as_cifar(train_set.data), train_set.targets,
                                       as_cifar(test_set.data), test_set.targets,
                                       train_set.classes, crop_flip=CropFlip(padding=2, flip=False))
-    return _arrays_with_own_stats(_nhwc_to_nchw(train_set.data), train_set.targets,
-                                  _nhwc_to_nchw(test_set.data), test_set.targets,
+    return _arrays_with_own_stats(_checked_images(train_set.data, name), train_set.targets,
+                                  _checked_images(test_set.data, name), test_set.targets,
                                   train_set.classes, mean=mean, std=std)
 
 
@@ -400,7 +464,7 @@ def _load_tinyimagenet(data_dir: str) -> ImageArrays:
         os.replace(temporary, cache)
     except OSError:
         pass  # a read-only data folder: decode again next time
-    return _arrays_from_npz_layout(split, grouped_by_class=True)
+    return _arrays_from_npz_layout(split, root, grouped_by_class=True)
 
 
 def _make_fake() -> ImageArrays:

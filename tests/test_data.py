@@ -244,3 +244,71 @@ def test_sample_dataset_ships_with_the_repository_and_loads_from_any_directory(t
     assert torch.equal(loaded.train.labels.bincount(), torch.full((10,), 100))
     assert torch.equal(loaded.test.labels.bincount(), torch.full((10,), 20))
     assert data.SAMPLE_NPZ.stat().st_size < 5_000_000 and "sample" in data.DATASETS
+
+
+# ----------------------------------------------------------------------------- .npz schema
+def valid_layout(num_train=20, num_test=10, num_classes=4):
+    rng = np.random.default_rng(0)
+    return {"x_train": rng.integers(0, 256, (num_train, 8, 8, 3), dtype=np.uint8),
+            "y_train": np.arange(num_train) % num_classes,
+            "x_test": rng.integers(0, 256, (num_test, 8, 8, 3), dtype=np.uint8),
+            "y_test": np.arange(num_test) % num_classes,
+            "classes": np.array([f"c{i}" for i in range(num_classes)])}
+
+
+def one_line_error(build, match, error=ValueError):
+    """The error `build()` raises: of type `error`, one line, matching `match`."""
+    with pytest.raises(error, match=match) as caught:
+        build()
+    assert len(str(caught.value).splitlines()) == 1 and caught.value.__cause__ is None, str(caught.value)
+    return str(caught.value)
+
+
+NPZ_FAULTS = {  # name: (change to the valid layout, what the message must say)
+    "missing keys": (lambda d: [d.pop(key) for key in ("x_test", "y_test")], r"no x_test, y_test; .*x_train, y_train"),
+    "negative label": (lambda d: d["y_train"].__setitem__(3, -1), r"y_train holds negative labels \(min -1\)"),
+    "label beyond classes": (lambda d: d["y_test"].__setitem__(0, 4), r"y_test holds label 4 but .* 4 classes"),
+    "float images": (lambda d: d.update(x_train=d["x_train"] / 255.0), r"x_train is float64: expected uint8"),
+    "NCHW": (lambda d: d.update(x_test=d["x_test"].transpose(0, 3, 1, 2)), r"x_test .*\(10, 3, 8, 8\).*NCHW"),
+    "empty split": (lambda d: d.update(x_test=d["x_test"][:0], y_test=d["y_test"][:0]), r"x_test is empty"),
+    "lengths differ": (lambda d: d.update(y_train=d["y_train"][:-1]), r"y_train holds 19 labels for 20 images"),
+    "float labels": (lambda d: d.update(y_train=d["y_train"] * 1.0), r"y_train is float64 .*integer class"),
+    "one-hot labels": (lambda d: d.update(y_test=np.eye(4, dtype=np.int64)[d["y_test"]]), r"y_test .*one-hot"),
+    "one class": (lambda d: d.update(y_train=np.full(20, 2)), r"y_train holds one class \(2\).*at least 2"),
+    "sizes differ": (lambda d: d.update(x_test=d["x_test"][:, :4, :4]), r"x_train images are \(8, 8\) px but"),
+    "bad shape": (lambda d: d.update(x_train=d["x_train"][..., :2]), r"x_train has shape \(20, 8, 8, 2\)"),
+    "object array": (lambda d: d.update(classes=np.array([None] * 4, dtype=object)), r"cannot read its arrays"),
+}
+
+
+@pytest.mark.parametrize("fault", NPZ_FAULTS)
+def test_npz_schema_faults_are_one_line_errors_naming_the_file(tmp_path, fault):
+    change, match = NPZ_FAULTS[fault]
+    layout = valid_layout()
+    change(layout)
+    path = tmp_path / "broken.npz"
+    np.savez(path, **layout)
+    message = one_line_error(lambda: data.build_data(str(path), batch_size=4), match)
+    assert str(path) in message
+
+
+def test_npz_that_is_not_an_npz(tmp_path):
+    for name, payload in (("pickle.npz", b"\x80\x04K\x01."), ("empty.npz", b""), ("text.npz", b"x_train,y\n")):
+        (tmp_path / name).write_bytes(payload)
+        one_line_error(lambda: data.build_data(str(tmp_path / name)), r"is not an \.npz archive")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    one_line_error(lambda: data.build_data(str(tmp_path / "array.npz")), r"is not an \.npz archive")
+    np.savez(tmp_path / "truncated.npz", **valid_layout(num_train=2000))
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "truncated.npz").read_bytes()[:-3000])
+    one_line_error(lambda: data.build_data(str(tmp_path / "truncated.npz")), r"not an \.npz|cannot read")
+
+
+def test_npz_grey_images_are_accepted_as_three_equal_channels(tmp_path):
+    layout = valid_layout()
+    grey = {"x_train": layout["x_train"][..., 0], "x_test": layout["x_test"][..., :1]}  # [N, H, W] and [N, H, W, 1]
+    np.savez(tmp_path / "grey.npz", **{**layout, **grey})
+    loaded = data.build_data(str(tmp_path / "grey.npz"), batch_size=4, augment="none")
+    assert loaded.train.images.shape == (20, 3, 8, 8) and loaded.test.images.shape == (10, 3, 8, 8)
+    assert torch.equal(loaded.train.images[:, 0], torch.as_tensor(grey["x_train"]))
+    assert torch.equal(loaded.train.images[:, 0], loaded.train.images[:, 2])
