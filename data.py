@@ -43,8 +43,10 @@ Choices (SPEC section 1 fixes the CIFAR and ImageNet ones):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -66,7 +68,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET100_CLASSES = 100  # the first 100 WordNet ids in sorted order
 FOLDER_IMAGE_SIZE, FOLDER_RESIZE = 224, 256
 FAKE_TRAIN, FAKE_TEST, FAKE_CLASSES, FAKE_SIZE = 1024, 256, 10, 32
-TINYIMAGENET_CACHE = "tinyimagenet_uint8.npz"
+# Image folders decoded into memory: tinyimagenet, and folder:PATH when its images are at most this many px.
+SMALL_IMAGE_MAX = 64
+DECODED_CACHE, DECODED_CACHE_VERSION = "decoded_uint8.npz", 1  # the decoded copy's file name; its format
 # The CIFAR-10 sample shipped with the repository (1,000 train / 200 test images; samples/README.md).
 SAMPLE_NPZ = Path(__file__).resolve().parent / "samples" / "cifar10_sample.npz"
 
@@ -160,19 +164,16 @@ def normalize(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
     return images_uint8.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
-def channel_stats(images_uint8: torch.Tensor, chunk: int = 1024) -> tuple[tuple, tuple]:
-    """Per-channel mean and std (population, over all pixels) of uint8 images [N, C, H, W] in
-    [0, 1] units, summed in float64 chunk by chunk so big sets need little extra memory. The
-    std is floored at 1/255 so that a constant channel (synthetic data) is not divided by 0."""
-    total = torch.zeros(images_uint8.shape[1], dtype=torch.float64)
-    total_squares = torch.zeros_like(total)
-    for block in images_uint8.split(chunk):
-        block = block.float().div_(255.0)
-        total += block.sum(dim=(0, 2, 3), dtype=torch.float64).cpu()
-        total_squares += block.square_().sum(dim=(0, 2, 3), dtype=torch.float64).cpu()
-    count = images_uint8.numel() / images_uint8.shape[1]
-    mean = total / count
-    std = (total_squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
+def channel_stats(images_uint8: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std (population, over all pixels) of uint8 images [N, C, H, W] in [0, 1]
+    units, exact: computed in float64 from each channel's histogram of its 256 values (fast, and no
+    float copy of the images). The std is floored at 1/255 so that a constant channel (synthetic
+    data) is not divided by 0."""
+    counts = torch.stack([channel.flatten().bincount(minlength=256) for channel in images_uint8.unbind(1)])
+    probabilities = counts.cpu().double() / counts[0].sum().item()                       # [C, 256]
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = probabilities @ values
+    std = (probabilities @ values.square() - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
@@ -420,21 +421,105 @@ def _load_torchvision(name: str, data_dir: str) -> ImageArrays:
                                   train_set.classes, mean=mean, std=std)
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))  # some Tiny ImageNet images are grey
+# ----------------------------------------------------------------------------- image files, decoded once
+@contextlib.contextmanager
+def _open_image(path):
+    """PIL's image, lazily decoded; any failure to read it (in the block too) is a one-line ValueError naming it."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: cannot read the image ({_reason(error)})") from None
+
+
+def _read_rgb(path) -> np.ndarray:
+    """uint8 [H, W, 3]: grey, palette and RGBA images become RGB."""
+    with _open_image(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _decode_images(paths: Sequence) -> np.ndarray:
+    """uint8 [N, H, W, 3] from image files, decoded in threads (one contiguous chunk per CPU; Pillow
+    releases the GIL while it decodes); every image must have the first one's size."""
+    chunks = np.array_split(np.arange(len(paths)), _usable_cpus())
+    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+        images = [image for chunk in pool.map(lambda rows: [_read_rgb(paths[row]) for row in rows], chunks)
+                  for image in chunk]
+    for path, image in zip(paths, images):
+        if image.shape != images[0].shape:
+            size = lambda array: f"{array.shape[1]}x{array.shape[0]} px"  # noqa: E731 - width x height, as PIL
+            raise ValueError(f"{path} is {size(image)} but {paths[0]} is {size(images[0])}: a folder read into "
+                             f"memory (images <= {SMALL_IMAGE_MAX} px) needs one image size")
+    return np.stack(images)
+
+
+def user_cache_dir() -> Path:
+    """Where decoded copies of read-only data folders go: $XDG_CACHE_HOME/online-kd (default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "online-kd"
+
+
+def _cache_paths(root: Path) -> list[Path]:
+    """Where a data folder's decoded copy may be: beside the data when the folder grants write permission
+    (checked on its mode too, so that root leaves a read-only shared folder alone), and in user_cache_dir()
+    under a name unique to the folder."""
+    folder_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    beside = [root / DECODED_CACHE] if os.access(root, os.W_OK) and root.stat().st_mode & 0o222 else []
+    return beside + [user_cache_dir() / f"{root.name}-{folder_id}.npz"]
+
+
+def _cache_key(root: Path, files: Sequence, class_names: Sequence) -> str:
+    """A digest of what the decoded copy depends on: every file's path (relative to root), label, size and
+    modification time, the class names and the cache's format version."""
+    digest = hashlib.sha256(f"{DECODED_CACHE_VERSION}\t{list(class_names)}\n".encode())
+    prefix = len(os.fspath(root))  # every path starts with root: hash the rest, so a moved folder keeps its copy
+    for path, label in files:
+        stat = os.stat(path)
+        digest.update(f"{os.fspath(path)[prefix:]}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_npz_atomically(path: Path, arrays: dict) -> bool:
+    """np.savez under a temporary name, then renamed, so concurrent ranks never read half a file; False
+    (and nothing left behind) when it cannot be written there."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        return False
+
+
+def _decoded_layout(root: Path, train_files: Sequence, test_files: Sequence, class_names: Sequence) -> dict:
+    """The .npz layout (x_train, y_train, x_test, y_test, classes) of (path, label) image files: read from
+    the first cache whose key matches the files, else decoded and cached where it can be written (see
+    _cache_paths). A changed, added or removed file changes the key, so the copy is rebuilt."""
+    key = _cache_key(root, [*train_files, *test_files], class_names)
+    for cache in _cache_paths(root):
+        with contextlib.suppress(ValueError, KeyError, OSError):  # absent, damaged or stale: decode again
+            layout = _read_npz(cache)
+            if str(layout.pop("cache_key")) == key:
+                return layout
+    images = _decode_images([path for path, _ in [*train_files, *test_files]])
+    labels = lambda files: np.array([label for _, label in files], dtype=np.int64)  # noqa: E731
+    layout = dict(x_train=images[: len(train_files)], y_train=labels(train_files),
+                  x_test=images[len(train_files):], y_test=labels(test_files), classes=np.array(class_names))
+    for cache in _cache_paths(root):
+        if _write_npz_atomically(cache, {**layout, "cache_key": np.array(key)}):
+            break
+    return layout
 
 
 def _load_tinyimagenet(data_dir: str) -> ImageArrays:
-    """The official tiny-imagenet-200 layout (in data_dir or data_dir/tiny-imagenet-200),
-    decoded once with PIL and cached next to it as an .npz (delete it if the folder changes).
-    Labels follow the sorted WordNet ids, as ImageFolder would number them; the val set, which
-    has labels, is the test set."""
+    """The official tiny-imagenet-200 layout (in data_dir or data_dir/tiny-imagenet-200), decoded
+    once and cached (_decoded_layout). Labels follow the sorted WordNet ids, as ImageFolder would
+    number them; the val set, which has labels, is the test set."""
     root = Path(data_dir) / "tiny-imagenet-200"
     root = root if root.is_dir() else Path(data_dir)
-    cache = root / TINYIMAGENET_CACHE
-    if cache.exists():
-        return _load_npz(cache, grouped_by_class=True)
     if not (root / "wnids.txt").exists():
         raise FileNotFoundError(f"tinyimagenet: no wnids.txt in {root}: place the extracted "
                                 f"tiny-imagenet-200/ (from http://cs231n.stanford.edu/tiny-imagenet-200.zip) "
@@ -452,19 +537,8 @@ def _load_tinyimagenet(data_dir: str) -> ImageArrays:
     for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
         file_name, wnid = line.split("\t")[:2]
         test_files.append((root / "val" / "images" / file_name, label_of[wnid]))
-    split = {}
-    for key, files in (("train", train_files), ("test", test_files)):
-        split[f"x_{key}"] = np.stack([_read_rgb(path) for path, _ in files])
-        split[f"y_{key}"] = np.array([label for _, label in files], dtype=np.int64)
-    split["classes"] = np.array([names.get(wnid, wnid) for wnid in wnids])
-    try:  # written under a temporary name and renamed, so concurrent ranks never read half a file
-        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as file:
-            np.savez(file, **split)
-        os.replace(temporary, cache)
-    except OSError:
-        pass  # a read-only data folder: decode again next time
-    return _arrays_from_npz_layout(split, root, grouped_by_class=True)
+    layout = _decoded_layout(root, train_files, test_files, [names.get(wnid, wnid) for wnid in wnids])
+    return _arrays_from_npz_layout(layout, root, grouped_by_class=True)
 
 
 def _make_fake() -> ImageArrays:
@@ -513,7 +587,7 @@ def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, devi
                 arrays.class_names, arrays.mean, arrays.std)
 
 
-# ----------------------------------------------------------------------------- DataLoader path
+# ----------------------------------------------------------------------------- image folders
 class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder restricted to the first max_classes class folders in sorted order
     (imagenet100); max_classes=None keeps all. Module level, so workers can unpickle it."""
@@ -527,6 +601,44 @@ class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
         return classes, {name: label for label, name in enumerate(classes)}
 
 
+def _scan_folders(root: Path, max_classes: Optional[int] = None):
+    """The ImageFolders of root/train and of its evaluation split, checked: at least 2 classes, the same
+    class folders in both. Any problem is a one-line error naming the folder."""
+    # choice: val/ before test/ when a folder has both: the per-epoch evaluation (and the best epoch picked
+    # from it) is model selection, so a separate test/ stays untouched; ImageNet's labelled split is val/.
+    evaluation = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or evaluation is None:
+        raise FileNotFoundError(f"{root} needs train/<class>/<images> and val/<class>/<images> or "
+                                f"test/<class>/<images> (the ImageFolder layout)")
+    folders = []
+    for split in (root / "train", evaluation):
+        try:
+            folders.append(FirstClassesImageFolder(split, max_classes))
+        except FileNotFoundError as error:  # no class folder, or a class folder without image files
+            raise ValueError(f"{split}: {_reason(error)}") from None
+    train, test = folders
+    if len(train.classes) < 2:
+        raise ValueError(f"{root / 'train'} holds one class folder ({train.classes[0]}): training needs at least 2")
+    if train.classes != test.classes:
+        only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))) or "none"  # noqa: E731
+        raise ValueError(f"{root}: train/ and {evaluation.name}/ have different class folders (only in train/: "
+                         f"{only(train, test)}; only in {evaluation.name}/: {only(test, train)})")
+    return train, test
+
+
+def _is_small(folder: torchvision.datasets.ImageFolder) -> bool:
+    """Whether the folder's first image is at most SMALL_IMAGE_MAX px on each side (read from its header)."""
+    with _open_image(folder.samples[0][0]) as image:
+        return max(image.size) <= SMALL_IMAGE_MAX
+
+
+def _load_small_folder(root: Path, train: torchvision.datasets.ImageFolder, test) -> ImageArrays:
+    """A folder of small images as device-resident arrays, decoded once and cached; its own mean/std."""
+    return _arrays_from_npz_layout(_decoded_layout(root, train.samples, test.samples, train.classes), root,
+                                   grouped_by_class=True)
+
+
+# ----------------------------------------------------------------------------- DataLoader path
 class SeededTransformDataset(torch.utils.data.Dataset):
     """Applies a transform to (PIL image, label) samples. With a seed, image i of epoch e is
     transformed inside a global RNG seeded by (seed, e, i) and restored afterwards, so the
@@ -606,15 +718,8 @@ def _folder_transforms(augment: str) -> tuple[Callable, Callable]:
     return v2.Compose(train + [v2.PILToTensor()]), test
 
 
-def _build_folder_data(root: Path, max_classes: Optional[int], *, batch_size, eval_batch_size,
-                       device, subset, augment, seed, num_workers, rank, world_size) -> Data:
-    if not ((root / "train").is_dir() and (root / "val").is_dir()):
-        raise FileNotFoundError(f"{root} needs train/<class>/*.JPEG and val/<class>/*.JPEG "
-                                f"(ImageFolder layout; ImageNet's val images sorted into class folders)")
-    train_folder = FirstClassesImageFolder(root / "train", max_classes)
-    test_folder = FirstClassesImageFolder(root / "val", max_classes)
-    if train_folder.classes != test_folder.classes:
-        raise ValueError(f"{root}: train/ and val/ have different class folders")
+def _build_folder_data(train_folder, test_folder, *, batch_size, eval_batch_size, device, subset, augment, seed,
+                       num_workers, rank, world_size) -> Data:
     train_transform, test_transform = _folder_transforms(augment)
     common = dict(device=device, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed,
                   num_workers=num_workers, rank=rank, world_size=world_size)
@@ -647,6 +752,8 @@ def build_data(name: str, data_dir: str = "./data", batch_size: int = 128, devic
                    world_size=world_size)
     if name in ("imagenet", "imagenet100") or name.startswith("folder:"):
         root = Path(name[len("folder:"):]) if name.startswith("folder:") else Path(data_dir)
-        max_classes = IMAGENET100_CLASSES if name == "imagenet100" else None
-        return _build_folder_data(root, max_classes, num_workers=num_workers, **options)
+        train_folder, test_folder = _scan_folders(root, IMAGENET100_CLASSES if name == "imagenet100" else None)
+        if name.startswith("folder:") and _is_small(train_folder):
+            return _build_device_data(_load_small_folder(root, train_folder, test_folder), **options)
+        return _build_folder_data(train_folder, test_folder, num_workers=num_workers, **options)
     return _build_device_data(_load_arrays(name, data_dir), **options)

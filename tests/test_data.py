@@ -200,7 +200,7 @@ def test_tinyimagenet_folder_layout_and_cache(tmp_path):
     assert images.shape == (4, 3, 64, 64) and torch.equal(labels, torch.tensor([0, 0, 1, 1]))
     red_minus_blue = images[:, 0].mean((1, 2)) - images[:, 2].mean((1, 2))
     assert ((red_minus_blue > 0) == (labels == 0)).all()  # label 0 is the red class
-    assert (root / data.TINYIMAGENET_CACHE).exists()
+    assert (root / data.DECODED_CACHE).exists()
     cached = data.build_data("tinyimagenet", data_dir=str(tmp_path), batch_size=2, augment="none")
     assert torch.equal(concatenated(cached.test)[0], images)
 
@@ -210,7 +210,7 @@ def write_image_folder(root, class_names, per_class=2):
         for label, name in enumerate(class_names):
             for number in range(per_class):
                 write_image(root / split / name / f"{number}.png", (label * 2 % 256, 80, 160),
-                            size=(40 + number, 30), file_format="PNG")
+                            size=(80 + number, 70), file_format="PNG")
 
 
 def test_folder_dataset_uses_imagenet_transforms_deterministically(tmp_path):
@@ -312,3 +312,138 @@ def test_npz_grey_images_are_accepted_as_three_equal_channels(tmp_path):
     assert loaded.train.images.shape == (20, 3, 8, 8) and loaded.test.images.shape == (10, 3, 8, 8)
     assert torch.equal(loaded.train.images[:, 0], torch.as_tensor(grey["x_train"]))
     assert torch.equal(loaded.train.images[:, 0], loaded.train.images[:, 2])
+
+
+# ----------------------------------------------------------------------------- folders of small images
+def write_small_folder(root, classes=("cat", "dog", "emu"), splits=("train", "test"), per_class=3, size=8, seed=0):
+    """PNG files (lossless) of random pixels, train/<class>/<n>.png ...; returns {split: [N, H, W, 3]} in file order."""
+    rng = np.random.default_rng(seed)
+    pixels = {}
+    for split in splits:
+        pixels[split] = rng.integers(0, 256, (len(classes) * per_class, size, size, 3), dtype=np.uint8)
+        for row, array in enumerate(pixels[split]):
+            path = root / split / classes[row // per_class] / f"{row % per_class}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+    return pixels
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache_home"))
+    return tmp_path / "cache_home" / "online-kd"
+
+
+def test_small_image_folder_is_decoded_once_into_device_memory_with_its_own_stats(tmp_path, cache_home):
+    pixels = write_small_folder(tmp_path / "pets")
+    loaded = data.build_data(f"folder:{tmp_path / 'pets'}", batch_size=3, augment="none")
+    assert isinstance(loaded.train, data.DeviceLoader) and isinstance(loaded.test, data.DeviceLoader)
+    assert (loaded.class_names, loaded.num_classes, loaded.image_size) == (["cat", "dog", "emu"], 3, 8)
+    assert torch.equal(loaded.train.images, torch.as_tensor(pixels["train"]).permute(0, 3, 1, 2))
+    assert torch.equal(loaded.test.images, torch.as_tensor(pixels["test"]).permute(0, 3, 1, 2))
+    assert torch.equal(loaded.train.labels, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    expected_mean = pixels["train"].reshape(-1, 3).mean(0) / 255
+    expected_std = pixels["train"].reshape(-1, 3).std(0) / 255
+    np.testing.assert_allclose(loaded.mean, expected_mean, rtol=1e-6)
+    np.testing.assert_allclose(loaded.std, expected_std, rtol=1e-6)
+    assert (tmp_path / "pets" / data.DECODED_CACHE).exists() and not cache_home.exists()
+
+
+def test_small_folder_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, cache_home, monkeypatch):
+    root = tmp_path / "pets"
+    write_small_folder(root)
+    build = lambda: data.build_data(f"folder:{root}", batch_size=3, augment="none")  # noqa: E731
+    first = build()
+    decode = data._decode_images
+    monkeypatch.setattr(data, "_decode_images", lambda paths: pytest.fail("decoded again, cache not reused"))
+    assert torch.equal(build().train.images, first.train.images)
+    new_pixels = np.full((8, 8, 3), 7, dtype=np.uint8)
+    Image.fromarray(new_pixels).save(root / "train" / "dog" / "1.png")  # same name, new content and mtime
+    decoded = []
+    monkeypatch.setattr(data, "_decode_images", lambda paths: decoded.append(len(paths)) or decode(paths))
+    rebuilt = build()
+    assert decoded == [18] and torch.equal(rebuilt.train.images[4], torch.full((3, 8, 8), 7, dtype=torch.uint8))
+    Image.fromarray(new_pixels).save(root / "test" / "emu" / "3.png")  # an added file
+    added = build()
+    assert added.test.num_samples == 10 and decoded == [18, 19]
+    (root / data.DECODED_CACHE).write_bytes(b"damaged")
+    assert torch.equal(build().test.images, added.test.images) and decoded == [18, 19, 19]
+
+
+def test_read_only_folder_is_cached_in_the_user_cache_dir(tmp_path, cache_home, monkeypatch):
+    root = tmp_path / "pets"
+    write_small_folder(root, splits=("train", "val"))
+    root.chmod(0o555)  # as root, writing is still possible: the folder's mode must be respected anyway
+    try:
+        loaded = data.build_data(f"folder:{root}", batch_size=3, augment="none")
+        assert not (root / data.DECODED_CACHE).exists() and len(list(cache_home.glob("pets-*.npz"))) == 1
+        monkeypatch.setattr(data, "_decode_images", lambda paths: pytest.fail("decoded again, cache not reused"))
+        assert torch.equal(data.build_data(f"folder:{root}", batch_size=3).test.images, loaded.test.images)
+    finally:
+        root.chmod(0o755)
+
+
+def test_folder_evaluates_on_val_when_there_is_one_else_test(tmp_path, cache_home):
+    pixels = write_small_folder(tmp_path, splits=("train", "test"))
+    only_test = data.build_data(f"folder:{tmp_path}", batch_size=3)
+    assert torch.equal(only_test.test.images, torch.as_tensor(pixels["test"]).permute(0, 3, 1, 2))
+    val = write_small_folder(tmp_path, splits=("val",), per_class=2, seed=1)["val"]
+    both = data.build_data(f"folder:{tmp_path}", batch_size=3)
+    assert torch.equal(both.test.images, torch.as_tensor(val).permute(0, 3, 1, 2))
+
+
+def test_small_jpeg_folder_and_large_folder_take_their_paths(tmp_path, cache_home):
+    for split in ("train", "val"):
+        for name, colour in (("red", (250, 10, 10)), ("blue", (10, 10, 250))):
+            write_image(tmp_path / "small" / split / name / "0.jpg", colour, size=(64, 64))
+            write_image(tmp_path / "large" / split / name / "0.jpg", colour, size=(65, 64))
+    small = data.build_data(f"folder:{tmp_path / 'small'}", batch_size=1, augment="none")
+    assert isinstance(small.train, data.DeviceLoader) and small.image_size == 64
+    red_minus_blue = small.test.images[:, 0].float().mean((1, 2)) - small.test.images[:, 2].float().mean((1, 2))
+    assert small.class_names == ["blue", "red"] and torch.equal(small.test.labels, torch.tensor([0, 1]))
+    assert (red_minus_blue * torch.tensor([-1, 1]) > 200).all()  # decoded JPEG colours, in label order
+    large = data.build_data(f"folder:{tmp_path / 'large'}", batch_size=1, num_workers=0)
+    assert isinstance(large.train, data.FolderLoader) and large.image_size == data.FOLDER_IMAGE_SIZE
+
+
+def folder_fault(root, fault):
+    write_small_folder(root)
+    if fault == "different classes":
+        (root / "test" / "emu").rename(root / "test" / "gnu")
+    elif fault == "mixed sizes":
+        Image.new("RGB", (8, 9)).save(root / "test" / "dog" / "1.png")
+    elif fault == "unreadable":
+        (root / "train" / "emu" / "2.png").write_bytes(b"not an image")
+    elif fault == "no class folders":
+        for path in sorted((root / "train").rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+    elif fault == "one class":
+        for name in ("dog", "emu"):
+            for split in ("train", "test"):
+                for path in (root / split / name).iterdir():
+                    path.unlink()
+                (root / split / name).rmdir()
+    elif fault == "empty class folder":
+        for path in (root / "train" / "dog").iterdir():
+            path.unlink()
+    elif fault == "no evaluation split":
+        (root / "test").rename(root / "testing")
+
+
+FOLDER_FAULTS = {
+    "different classes": (ValueError, r"train/ and test/ have different class folders \(only in train/: emu; "
+                                      r"only in test/: gnu\)"),
+    "mixed sizes": (ValueError, r"test/dog/1\.png is 8x9 px but .*train/cat/0\.png is 8x8 px.*one image size"),
+    "unreadable": (ValueError, r"train/emu/2\.png: cannot read the image"),
+    "no class folders": (ValueError, r"train: Couldn't find any class folder"),
+    "one class": (ValueError, r"train holds one class folder \(cat\): training needs at least 2"),
+    "empty class folder": (ValueError, r"train: Found no valid file for the classes dog"),
+    "no evaluation split": (FileNotFoundError, r"needs train/<class>/<images> and val/.* or test/"),
+}
+
+
+@pytest.mark.parametrize("fault", FOLDER_FAULTS)
+def test_folder_faults_are_one_line_errors(tmp_path, cache_home, fault):
+    folder_fault(tmp_path / "pets", fault)
+    error, match = FOLDER_FAULTS[fault]
+    one_line_error(lambda: data.build_data(f"folder:{tmp_path / 'pets'}", batch_size=2), match, error)
