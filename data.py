@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,11 @@ from torchvision.transforms import v2
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "imagenet100", "mnist", "sample", "fake",
             "folder:PATH", "PATH.npz")
-AUGMENTS = ("standard", "none", "autoaugment")
+# --augment: standard = crop from zero padding + flip (ImageNet folders: RandomResizedCrop 224 + flip);
+# rrc = RandomResizedCrop to the image size with RRC_SCALE, RRC_RATIO + flip; autoaugment = standard + AutoAugment
+AUGMENTATIONS = ("standard", "none", "autoaugment", "rrc")
+# The TNA authors' Tiny ImageNet recipe: RandomResizedCrop(64, scale=(0.1, 1), ratio=(0.8, 1.25)) + flip.
+RRC_SCALE, RRC_RATIO = (0.1, 1.0), (0.8, 1.25)
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -90,11 +95,43 @@ class Data:
     std: tuple
 
 
+def _flip_draws(generator: torch.Generator, count: int, flip: bool) -> torch.Tensor:
+    flips = torch.rand(count, generator=generator) < 0.5
+    return flips if flip else flips.zero_()
+
+
 @dataclass(frozen=True)
 class CropFlip:
     """Train augmentation of the device path: crop back to size from a zero-padded image, maybe mirror."""
     padding: int
     flip: bool = True
+
+    def draw(self, generator: torch.Generator, count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Per-image (row offset, column offset, flip) for `count` images."""
+        span = 2 * self.padding + 1
+        offsets_y = torch.randint(span, (count,), generator=generator)
+        offsets_x = torch.randint(span, (count,), generator=generator)
+        return offsets_y, offsets_x, _flip_draws(generator, count, self.flip)
+
+    def __call__(self, images: torch.Tensor, offsets_y, offsets_x, flips) -> torch.Tensor:
+        return random_crop_flip(images, offsets_y, offsets_x, flips, self.padding)
+
+
+@dataclass(frozen=True)
+class ResizedCropFlip:
+    """torchvision's RandomResizedCrop(image size, scale, ratio) + RandomHorizontalFlip, one crop per
+    image, batched on the device (see resized_crop_boxes and resized_crop_flip)."""
+    scale: tuple = RRC_SCALE
+    ratio: tuple = RRC_RATIO
+    flip: bool = True
+
+    def draw(self, generator: torch.Generator, count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Per-image (top, left, box height, box width, flip) for `count` images."""
+        boxes = resized_crop_boxes(generator, count, height, width, self.scale, self.ratio)
+        return (*boxes, _flip_draws(generator, count, self.flip))
+
+    def __call__(self, images: torch.Tensor, top, left, box_height, box_width, flips) -> torch.Tensor:
+        return resized_crop_flip(images, top, left, box_height, box_width, flips)
 
 
 # ----------------------------------------------------------------------------- seeding, sharding
@@ -159,6 +196,56 @@ def random_crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: t
     return padded.flatten(2).gather(2, flat_index).view(batch, channels, height, width)
 
 
+def resized_crop_boxes(generator: torch.Generator, count: int, height: int, width: int, scale: Sequence[float],
+                       ratio: Sequence[float], attempts: int = 10) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop's boxes (top, left, box height, box width; int64 [count] each) for `count` images
+    at once, drawn as torchvision's get_params draws them: up to 10 attempts of an area fraction uniform
+    in `scale` and a log-uniform aspect ratio in `ratio`, the first box that fits the image wins, a
+    uniform position inside it; when no attempt fits, the centred largest box within `ratio`."""
+    area = torch.empty(count, attempts).uniform_(scale[0], scale[1], generator=generator) * (height * width)
+    aspect = torch.empty(count, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    box_width, box_height = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (box_width > 0) & (box_width <= width) & (box_height > 0) & (box_height <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+    box_width, box_height = box_width.gather(1, first).squeeze(1).long(), box_height.gather(1, first).squeeze(1).long()
+    fallback_width = min(width, round(height * ratio[1]))  # torchvision's central crop, clipped to the ratios
+    fallback_height = min(height, round(fallback_width / ratio[0]))
+    any_fits = fits.any(1)
+    box_width = torch.where(any_fits, box_width, fallback_width)
+    box_height = torch.where(any_fits, box_height, fallback_height)
+    uniform = torch.rand(2, count, generator=generator)  # a position uniform over the (H - h + 1) x (W - w + 1) ones
+    top = torch.where(any_fits, (uniform[0] * (height - box_height + 1)).long(), (height - box_height) // 2)
+    left = torch.where(any_fits, (uniform[1] * (width - box_width + 1)).long(), (width - box_width) // 2)
+    return top, left, box_height, box_width
+
+
+def resized_crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, box_height: torch.Tensor,
+                      box_width: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Per-image crop of box (top, left, box_height, box_width), resized bilinearly back to the image's
+    size and mirrored where flips, for a whole batch in one grid_sample on its device.
+
+    images [B, C, H, W] (any dtype) -> float32 [B, C, H, W] in the input's units (0-255 for uint8,
+    unrounded). Output pixel k samples the crop at k + 0.5 crop pixels per output pixel - 0.5, clamped
+    to the crop (align_corners=False resizing, as F.interpolate and torchvision's resize compute it;
+    the boxes never exceed the image, so this only upsamples and antialiasing changes nothing): it
+    equals hflip(resized_crop(image, top, left, box_height, box_width, [H, W])) up to torchvision's
+    rounding to uint8.
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+
+    def sample_points(start, length, size):  # [B, size] source coordinates, in pixels of the whole image
+        start, length = start.to(device, torch.float32)[:, None], length.to(device, torch.float32)[:, None]
+        points = start + (torch.arange(size, device=device) + 0.5) * (length / size) - 0.5
+        return torch.minimum(torch.maximum(points, start), start + length - 1)
+
+    rows, columns = sample_points(top, box_height, height), sample_points(left, box_width, width)
+    columns = torch.where(flips.to(device)[:, None], columns.flip(1), columns)
+    grid = torch.stack([(2 * columns / max(width - 1, 1) - 1)[:, None, :].expand(batch, height, width),
+                        (2 * rows / max(height - 1, 1) - 1)[:, :, None].expand(batch, height, width)], dim=-1)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def normalize(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(x / 255 - mean) / std in float32, as one multiply-subtract; mean/std shaped [1, C, 1, 1]."""
     return images_uint8.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
@@ -199,14 +286,15 @@ def _usable_cpus() -> int:
 class DeviceLoader:
     """Batches from uint8 images held on the device; see the module docstring for the contract.
 
-    crop_flip=None disables the random crop and flip (test, or augment="none"); autoaugment, a
+    crop_flip (a CropFlip or ResizedCropFlip, None for test or augment="none") draws the epoch's
+    per-image crops once and applies them batch by batch; autoaugment, a
     per-image transform on uint8 tensors, runs after the crop and flip (the order of the
     torchvision CIFAR recipes) inside a global RNG seeded per (seed, epoch, rank, batch).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                  mean: Sequence[float], std: Sequence[float], train: bool,
-                 crop_flip: Optional[CropFlip] = None, autoaugment: Optional[Callable] = None,
+                 crop_flip: "CropFlip | ResizedCropFlip | None" = None, autoaugment: Optional[Callable] = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
@@ -231,17 +319,11 @@ class DeviceLoader:
             return train_shard_indices(len(self.images), self.seed, self.epoch, self.rank, self.world_size)
         return test_shard_indices(len(self.images), self.rank, self.world_size)
 
-    def _crop_flip_draws(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The epoch's crop offsets and flips for every position, drawn at once, moved once."""
+    def _crop_flip_draws(self, count: int) -> list[torch.Tensor]:
+        """The epoch's crops and flips for every position, drawn at once, moved once."""
         generator = epoch_generator(self.seed, self.epoch, _CROP_FLIP_STREAM, self.rank)
-        span = 2 * self.crop_flip.padding + 1
-        offsets_y = torch.randint(span, (count,), generator=generator)
-        offsets_x = torch.randint(span, (count,), generator=generator)
-        flips = torch.rand(count, generator=generator) < 0.5
-        if not self.crop_flip.flip:
-            flips.zero_()
-        device = self.images.device
-        return offsets_y.to(device), offsets_x.to(device), flips.to(device)
+        draws = self.crop_flip.draw(generator, count, *self.images.shape[-2:])
+        return [draw.to(self.images.device) for draw in draws]
 
     def _autoaugment_batch(self, images: torch.Tensor, batch_number: int) -> torch.Tensor:
         with seeded_global_rng(epoch_seed(self.seed, self.epoch, _AUTOAUGMENT_STREAM, self.rank, batch_number)):
@@ -251,14 +333,13 @@ class DeviceLoader:
         indices = self.epoch_indices()[: self.num_samples].to(self.images.device)
         augment = self.train and self.crop_flip is not None
         if augment:
-            offsets_y, offsets_x, flips = self._crop_flip_draws(len(indices))
+            draws = self._crop_flip_draws(len(indices))
         for batch_number, start in enumerate(range(0, len(indices), self.batch_size)):
             positions = slice(start, start + self.batch_size)
             batch_indices = indices[positions]
             images = self.images[batch_indices]
             if augment:
-                images = random_crop_flip(images, offsets_y[positions], offsets_x[positions],
-                                          flips[positions], self.crop_flip.padding)
+                images = self.crop_flip(images, *(draw[positions] for draw in draws))
             if self.train and self.autoaugment is not None:
                 images = self._autoaugment_batch(images, batch_number)
             yield normalize(images, self.mean, self.std), self.labels[batch_indices]
@@ -572,6 +653,11 @@ def _load_arrays(name: str, data_dir: str) -> ImageArrays:
     raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
 
 
+def _device_crop_flip(augment: str, standard: CropFlip) -> "CropFlip | ResizedCropFlip | None":
+    """The device path's crop for `augment`, from the dataset's standard one (whose flip setting rrc keeps)."""
+    return {"none": None, "rrc": ResizedCropFlip(flip=standard.flip)}.get(augment, standard)
+
+
 def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, device, subset,
                        augment, seed, rank, world_size) -> Data:
     train_rows = subset_rows(len(arrays.train_images), subset, arrays.grouped_by_class)
@@ -580,7 +666,7 @@ def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, devi
     autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10) if augment == "autoaugment" else None
     train = DeviceLoader(arrays.train_images[train_rows].to(device), arrays.train_labels[train_rows].to(device),
                          batch_size=batch_size, train=True, seed=seed, autoaugment=autoaugment,
-                         crop_flip=None if augment == "none" else arrays.crop_flip, **common)
+                         crop_flip=_device_crop_flip(augment, arrays.crop_flip), **common)
     test = DeviceLoader(arrays.test_images[test_rows].to(device), arrays.test_labels[test_rows].to(device),
                         batch_size=eval_batch_size, train=False, **common)
     return Data(train, test, len(arrays.class_names), arrays.train_images.shape[-1],
@@ -712,7 +798,8 @@ def _folder_transforms(augment: str) -> tuple[Callable, Callable]:
     test = v2.Compose([v2.Resize(FOLDER_RESIZE), v2.CenterCrop(FOLDER_IMAGE_SIZE), v2.PILToTensor()])
     if augment == "none":
         return test, test
-    train = [v2.RandomResizedCrop(FOLDER_IMAGE_SIZE), v2.RandomHorizontalFlip()]
+    crop = v2.RandomResizedCrop(FOLDER_IMAGE_SIZE, **(dict(scale=RRC_SCALE, ratio=RRC_RATIO) if augment == "rrc" else {}))
+    train = [crop, v2.RandomHorizontalFlip()]
     if augment == "autoaugment":
         train.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     return v2.Compose(train + [v2.PILToTensor()]), test
@@ -743,8 +830,8 @@ def build_data(name: str, data_dir: str = "./data", batch_size: int = 128, devic
 
     eval_batch_size defaults to batch_size; num_workers only matters for the DataLoader path.
     """
-    if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment {augment!r}; accepted: {', '.join(AUGMENTS)}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; accepted: {', '.join(AUGMENTATIONS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size,

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import data
@@ -51,6 +52,62 @@ def test_random_crop_flip_equals_torchvision_random_transforms_with_same_draws()
     expected = TF.horizontal_flip(TF.crop(padded, 7, 2, 32, 32))
     got = data.random_crop_flip(image[None], torch.tensor([7]), torch.tensor([2]), torch.tensor([True]), 4)
     assert torch.equal(got[0], expected)
+
+
+# ----------------------------------------------------------------------------- RandomResizedCrop on the device
+RESIZED_CROP_CASES = [(0, 0, 32, 32, False), (0, 0, 32, 32, True), (5, 3, 10, 12, False), (20, 17, 12, 15, True),
+                      (31, 31, 1, 1, False), (0, 9, 29, 23, True)]  # hand-picked (top, left, height, width, flip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_resized_crop_flip_equals_torchvision_resized_crop_and_hflip(dtype):
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(256, (len(RESIZED_CROP_CASES), 3, 32, 32), generator=generator, dtype=torch.uint8)
+    images = images.to(dtype)
+    top, left, height, width, flips = (torch.tensor(column) for column in zip(*RESIZED_CROP_CASES))
+    result = data.resized_crop_flip(images, top, left, height, width, flips)
+    assert result.shape == images.shape and result.dtype == torch.float32
+    for image, (y, x, h, w, flip), got in zip(images, RESIZED_CROP_CASES, result):
+        expected = TF.resized_crop(image, y, x, h, w, [32, 32], antialias=True)
+        expected = (TF.horizontal_flip(expected) if flip else expected).float()
+        # float input: the same arithmetic; uint8: torchvision rounds its output to integers
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 if dtype == torch.float32 else 1.0)
+    assert torch.equal(result[0], images[0].float()) and torch.equal(result[1], images[1].flip(-1).float())
+
+
+def test_resized_crop_boxes_stay_in_range_and_match_torchvision_statistics():
+    count, size = 20000, 64
+    top, left, height, width = data.resized_crop_boxes(torch.Generator().manual_seed(0), count, size, size,
+                                                       data.RRC_SCALE, data.RRC_RATIO)
+    assert ((top >= 0) & (left >= 0) & (top + height <= size) & (left + width <= size)).all()
+    area, ratio = height * width / size**2, width / height
+    assert area.min() >= 0.1 * 0.9 and area.max() <= 1 and ratio.min() >= 0.8 * 0.95 and ratio.max() <= 1.25 / 0.95
+    with data.seeded_global_rng(0):  # torchvision's own sampler, for the distribution of the same quantities
+        reference = torch.tensor([v2.RandomResizedCrop.get_params(torch.zeros(1, size, size), [0.1, 1.0],
+                                                                  [0.8, 1.25]) for _ in range(4000)]).float()
+    ours = torch.stack([top, left, height, width], 1).float()
+    torch.testing.assert_close(ours.mean(0), reference.mean(0), rtol=0, atol=1.0)  # sampling error ~ 0.3 px
+    torch.testing.assert_close(ours.std(0), reference.std(0), rtol=0, atol=1.0)
+    # no attempt fits (every box is wider than the image): torchvision's fallback, the centred box within the ratios
+    fallback = data.resized_crop_boxes(torch.Generator().manual_seed(0), 5, size, size, (1.0, 1.0), (2.0, 3.0))
+    assert [box.tolist() for box in fallback] == [[16] * 5, [0] * 5, [32] * 5, [64] * 5]
+
+
+def test_rrc_augment_is_one_crop_per_image_on_the_device_loader():
+    loaded = data.build_data("fake", batch_size=64, augment="rrc", seed=2)
+    assert loaded.train.crop_flip == data.ResizedCropFlip() and "rrc" in data.AUGMENTATIONS
+    rng_state = torch.get_rng_state()
+    images, labels = batches(loaded.train, 1)[0]
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
+    top, left, height, width, flips = (draw[:64] for draw in loaded.train._crop_flip_draws(len(loaded.train.images)))
+    assert len(set(zip(top.tolist(), left.tolist(), height.tolist(), width.tolist()))) > 60  # per image, not per batch
+    assert 10 < flips.sum() < 54
+    source = loaded.train.images[loaded.train.epoch_indices()[:64]]
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (loaded.mean, loaded.std))
+    expected = (data.resized_crop_flip(source, top, left, height, width, flips) / 255 - mean) / std
+    torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(batches(data.build_data("fake", batch_size=64, augment="rrc", seed=2).train, 1)[0][0], images)
 
 
 # ----------------------------------------------------------------------------- normalisation, contract
@@ -131,7 +188,7 @@ def test_autoaugment_is_deterministic_and_keeps_global_rng():
 def test_unknown_dataset_and_augment_list_accepted_values():
     with pytest.raises(ValueError, match="cifar100.*tinyimagenet.*folder:PATH.*PATH.npz"):
         data.build_data("cifar1000")
-    with pytest.raises(ValueError, match="standard, none, autoaugment"):
+    with pytest.raises(ValueError, match="standard, none, autoaugment, rrc"):
         data.build_data("fake", augment="randaugment")
 
 
@@ -404,6 +461,8 @@ def test_small_jpeg_folder_and_large_folder_take_their_paths(tmp_path, cache_hom
     assert (red_minus_blue * torch.tensor([-1, 1]) > 200).all()  # decoded JPEG colours, in label order
     large = data.build_data(f"folder:{tmp_path / 'large'}", batch_size=1, num_workers=0)
     assert isinstance(large.train, data.FolderLoader) and large.image_size == data.FOLDER_IMAGE_SIZE
+    crop = data._folder_transforms("rrc")[0].transforms[0]  # the same recipe on the DataLoader path
+    assert (crop.size, crop.scale, crop.ratio) == ((224, 224), data.RRC_SCALE, data.RRC_RATIO)
 
 
 def folder_fault(root, fault):
