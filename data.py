@@ -48,7 +48,7 @@ import math
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -81,7 +81,7 @@ SAMPLE_NPZ = Path(__file__).resolve().parent / "samples" / "cifar10_sample.npz"
 
 # Distinct streams of the (seed, epoch) generators, so that the permutation and the crops
 # are not drawn from the same numbers.
-_PERMUTATION_STREAM, _CROP_FLIP_STREAM, _AUTOAUGMENT_STREAM, _FOLDER_AUGMENT_STREAM = range(4)
+_PERMUTATION_STREAM, _CROP_FLIP_STREAM, _AUTOAUGMENT_STREAM, _FOLDER_AUGMENT_STREAM, _HOLDOUT_STREAM = range(5)
 
 
 @dataclass
@@ -93,6 +93,8 @@ class Data:
     class_names: list
     mean: tuple
     std: tuple
+    holdout: "DeviceLoader | FolderLoader | None" = None  # build_data(holdout=N): an evaluation loader
+    holdout_indices: list = field(default_factory=list)   # its rows of the source's training set, sorted
 
 
 def _flip_draws(generator: torch.Generator, count: int, flip: bool) -> torch.Tensor:
@@ -169,6 +171,35 @@ def subset_rows(num_rows: int, subset: Optional[int], grouped_by_class: bool) ->
     if grouped_by_class:
         return torch.linspace(0, num_rows - 1, subset).round().long()
     return torch.arange(subset)
+
+
+def stratified_holdout(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Sorted positions of `count` of `labels`, each class contributing in proportion to its frequency
+    (largest remainders, ties to the lower class), drawn within each class by a generator seeded by
+    `seed` only: the same positions on every rank and on every run with that seed."""
+    if not 0 < count < len(labels):
+        raise ValueError(f"holdout {count} must be in 1..{len(labels) - 1}: the training set has {len(labels)} images")
+    classes, class_counts = labels.cpu().unique(return_counts=True)
+    exact = class_counts.double() * count / len(labels)
+    quota = exact.floor().long()
+    quota[torch.argsort(quota - exact, stable=True)[: count - int(quota.sum())]] += 1
+    generator = epoch_generator(seed, 0, _HOLDOUT_STREAM)
+    chosen = []
+    for label, share in zip(classes, quota.tolist()):
+        members = (labels.cpu() == label).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:share]])
+    return torch.cat(chosen).sort().values
+
+
+def split_holdout(rows: torch.Tensor, labels: torch.Tensor, holdout: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(training rows, hold-out rows): `rows` of a training set whose labels are `labels`, minus a
+    stratified_holdout of `holdout` of them (none when 0); both in the order of `rows`."""
+    if holdout == 0:
+        return rows, rows[:0]
+    positions = stratified_holdout(labels[rows], holdout, seed)
+    keep = torch.ones(len(rows), dtype=torch.bool)
+    keep[positions] = False
+    return rows[keep], rows[positions]
 
 
 # ----------------------------------------------------------------------------- batched tensor ops
@@ -659,18 +690,21 @@ def _device_crop_flip(augment: str, standard: CropFlip) -> "CropFlip | ResizedCr
 
 
 def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, device, subset,
-                       augment, seed, rank, world_size) -> Data:
-    train_rows = subset_rows(len(arrays.train_images), subset, arrays.grouped_by_class)
+                       augment, seed, rank, world_size, holdout) -> Data:
+    train_rows, holdout_rows = split_holdout(subset_rows(len(arrays.train_images), subset, arrays.grouped_by_class),
+                                             arrays.train_labels, holdout, seed)
     test_rows = subset_rows(len(arrays.test_images), subset, arrays.grouped_by_class)
     common = dict(mean=arrays.mean, std=arrays.std, rank=rank, world_size=world_size)
+    evaluation = lambda images, labels, rows: DeviceLoader(  # noqa: E731
+        images[rows].to(device), labels[rows].to(device), batch_size=eval_batch_size, train=False, **common)
     autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10) if augment == "autoaugment" else None
     train = DeviceLoader(arrays.train_images[train_rows].to(device), arrays.train_labels[train_rows].to(device),
                          batch_size=batch_size, train=True, seed=seed, autoaugment=autoaugment,
                          crop_flip=_device_crop_flip(augment, arrays.crop_flip), **common)
-    test = DeviceLoader(arrays.test_images[test_rows].to(device), arrays.test_labels[test_rows].to(device),
-                        batch_size=eval_batch_size, train=False, **common)
-    return Data(train, test, len(arrays.class_names), arrays.train_images.shape[-1],
-                arrays.class_names, arrays.mean, arrays.std)
+    return Data(train, evaluation(arrays.test_images, arrays.test_labels, test_rows), len(arrays.class_names),
+                arrays.train_images.shape[-1], arrays.class_names, arrays.mean, arrays.std,
+                evaluation(arrays.train_images, arrays.train_labels, holdout_rows) if holdout else None,
+                holdout_rows.tolist())
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -806,26 +840,29 @@ def _folder_transforms(augment: str) -> tuple[Callable, Callable]:
 
 
 def _build_folder_data(train_folder, test_folder, *, batch_size, eval_batch_size, device, subset, augment, seed,
-                       num_workers, rank, world_size) -> Data:
+                       num_workers, rank, world_size, holdout) -> Data:
     train_transform, test_transform = _folder_transforms(augment)
     common = dict(device=device, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed,
                   num_workers=num_workers, rank=rank, world_size=world_size)
-    loaders = []
-    for folder, transform, train, size in ((train_folder, train_transform, True, batch_size),
-                                           (test_folder, test_transform, False, eval_batch_size)):
-        rows = subset_rows(len(folder), subset, grouped_by_class=True).tolist()
-        samples = torch.utils.data.Subset(folder, rows)
-        dataset = SeededTransformDataset(samples, transform, seed if train else None)
-        loaders.append(FolderLoader(dataset, batch_size=size, train=train, **common))
-    return Data(loaders[0], loaders[1], len(train_folder.classes), FOLDER_IMAGE_SIZE,
-                list(train_folder.classes), IMAGENET_MEAN, IMAGENET_STD)
+
+    def loader(folder, rows, train):
+        dataset = SeededTransformDataset(torch.utils.data.Subset(folder, rows.tolist()),
+                                         train_transform if train else test_transform, seed if train else None)
+        return FolderLoader(dataset, batch_size=batch_size if train else eval_batch_size, train=train, **common)
+
+    train_rows, holdout_rows = split_holdout(subset_rows(len(train_folder), subset, grouped_by_class=True),
+                                             torch.tensor(train_folder.targets), holdout, seed)
+    test_rows = subset_rows(len(test_folder), subset, grouped_by_class=True)
+    return Data(loader(train_folder, train_rows, True), loader(test_folder, test_rows, False),
+                len(train_folder.classes), FOLDER_IMAGE_SIZE, list(train_folder.classes), IMAGENET_MEAN,
+                IMAGENET_STD, loader(train_folder, holdout_rows, False) if holdout else None, holdout_rows.tolist())
 
 
 # ----------------------------------------------------------------------------- entry point
 def build_data(name: str, data_dir: str = "./data", batch_size: int = 128, device="cpu",
                subset: Optional[int] = None, augment: str = "standard", seed: int = 0,
                eval_batch_size: Optional[int] = None, num_workers: int = 8, rank: int = 0,
-               world_size: int = 1) -> Data:
+               world_size: int = 1, holdout: int = 0) -> Data:
     """Train and test loaders for dataset ``name`` (one of DATASETS; see the module docstring).
 
     eval_batch_size defaults to batch_size; num_workers only matters for the DataLoader path.
@@ -836,7 +873,7 @@ def build_data(name: str, data_dir: str = "./data", batch_size: int = 128, devic
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size,
                    device=device, subset=subset, augment=augment, seed=seed, rank=rank,
-                   world_size=world_size)
+                   world_size=world_size, holdout=holdout)
     if name in ("imagenet", "imagenet100") or name.startswith("folder:"):
         root = Path(name[len("folder:"):]) if name.startswith("folder:") else Path(data_dir)
         train_folder, test_folder = _scan_folders(root, IMAGENET100_CLASSES if name == "imagenet100" else None)

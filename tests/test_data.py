@@ -506,3 +506,59 @@ def test_folder_faults_are_one_line_errors(tmp_path, cache_home, fault):
     folder_fault(tmp_path / "pets", fault)
     error, match = FOLDER_FAULTS[fault]
     one_line_error(lambda: data.build_data(f"folder:{tmp_path / 'pets'}", batch_size=2), match, error)
+
+
+# ----------------------------------------------------------------------------- hold-out (MSDNet's budgeted evaluation)
+def sample_arrays():
+    with np.load(data.SAMPLE_NPZ) as arrays:
+        return torch.as_tensor(arrays["x_train"]).permute(0, 3, 1, 2), torch.as_tensor(arrays["y_train"])
+
+
+def test_holdout_is_stratified_disjoint_from_training_and_unaugmented():
+    images, labels = sample_arrays()
+    loaded = data.build_data("sample", batch_size=100, holdout=100, seed=3)
+    indices = loaded.holdout_indices
+    assert indices == sorted(set(indices)) and len(indices) == 100 and all(isinstance(i, int) for i in indices)
+    assert torch.equal(labels[indices].bincount(), torch.full((10,), 10))  # 100 per class in the sample
+    kept = sorted(set(range(1000)) - set(indices))
+    assert torch.equal(loaded.holdout.images, images[indices]) and torch.equal(loaded.train.images, images[kept])
+    assert torch.equal(loaded.train.labels, labels[kept]) and len(loaded.train) == 9
+    assert not loaded.holdout.train and loaded.holdout.num_samples == 100
+    held_images, held_labels = concatenated(loaded.holdout)  # in index order, normalised, not augmented
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (loaded.mean, loaded.std))
+    torch.testing.assert_close(held_images, (images[indices].float() / 255 - mean) / std)
+    assert torch.equal(held_labels, labels[indices])
+    uneven = data.build_data("sample", batch_size=100, holdout=55, seed=3)
+    assert labels[uneven.holdout_indices].bincount().tolist() == [6] * 5 + [5] * 5  # ties go to the lower classes
+    assert data.build_data("sample", batch_size=100).holdout is None
+
+
+def test_holdout_is_deterministic_per_seed_and_the_same_on_every_rank():
+    indices = lambda **options: data.build_data("sample", batch_size=50, holdout=200, **options).holdout_indices
+    assert indices(seed=1) == indices(seed=1) != indices(seed=2)
+    ranks = [data.build_data("sample", batch_size=50, holdout=200, seed=1, rank=rank, world_size=2) for rank in (0, 1)]
+    assert ranks[0].holdout_indices == ranks[1].holdout_indices == indices(seed=1)
+    images, _ = sample_arrays()
+    shards = torch.cat([concatenated(loaded.holdout)[0] for loaded in ranks])
+    unsharded = concatenated(data.build_data("sample", batch_size=50, holdout=200, seed=1).holdout)[0]
+    assert torch.equal(shards, unsharded)  # the ranks' blocks of the hold-out cover it once
+    for loaded in ranks:  # and every training shard comes from the rest
+        assert len(loaded.train.images) == 800 and len(loaded.train) == 8
+
+
+def test_holdout_is_taken_after_subset_and_refused_when_too_large():
+    loaded = data.build_data("sample", batch_size=50, subset=500, holdout=50)
+    assert max(loaded.holdout_indices) < 500 and len(loaded.train.images) == 450
+    for holdout in (500, 501, -1):
+        one_line_error(lambda: data.build_data("sample", batch_size=50, subset=500, holdout=holdout),
+                       r"holdout -?\d+ must be in 1\.\.499: the training set has 500 images")
+
+
+def test_holdout_of_a_large_image_folder(tmp_path):
+    write_image_folder(tmp_path, ["albatross", "crow", "dodo"], per_class=4)
+    loaded = data.build_data(f"folder:{tmp_path}", batch_size=2, holdout=3, num_workers=0)
+    targets = [label for _, label in loaded.holdout.dataset.samples]
+    assert sorted(targets) == [0, 1, 2] and loaded.holdout.num_samples == 3 and loaded.train.num_samples == 8
+    assert [index // 4 for index in loaded.holdout_indices] == targets  # class c holds rows 4c..4c+3
+    images, labels = next(iter(loaded.holdout))
+    assert images.shape == (2, 3, 224, 224) and labels.tolist() == targets[:2]
