@@ -2,14 +2,18 @@
 
 Two paths, one loader contract.
 
-* Device-resident (cifar10, cifar100, mnist, tinyimagenet, fake, ``PATH.npz``): the whole
-  dataset fits in memory, so it is held ONCE as a uint8 tensor [N, 3, H, W] on the training
-  device (as airbench / hlb-CIFAR10 do). A train batch is gathered by index, then randomly
-  cropped from its zero-padded images, flipped and normalised by a few batched tensor ops on
-  that device (``random_crop_flip``, ``normalize``): no per-image Python work, no worker
-  processes, no host-to-device copies after the first.
-* DataLoader (imagenet, imagenet100, ``folder:PATH``): too big for memory, so a
-  ``torch.utils.data.DataLoader`` decodes JPEGs in ``num_workers`` processes with the ImageNet
+* Device-resident (cifar10, cifar100, mnist, tinyimagenet, sample, fake, ``PATH.npz``, and
+  ``folder:PATH`` when its images are at most 64 px): the whole dataset fits in memory, so it is
+  held ONCE as a uint8 tensor [N, 3, H, W] on the training device (as airbench / hlb-CIFAR10 do).
+  A train batch is gathered by index, then cropped, flipped and normalised by a few batched
+  tensor ops on that device, one random crop per image (``random_crop_flip`` or
+  ``resized_crop_flip``, then ``normalize``): no per-image Python work, no worker processes, no
+  host-to-device copies after the first. Image files (tinyimagenet, small folders) are decoded
+  once, in threads, and the decoded copy is cached as an .npz keyed by every file's path, label,
+  size and modification time (rebuilt when any changes): beside the data when that folder is
+  writable, else in ``user_cache_dir()`` ($XDG_CACHE_HOME/online-kd, default ~/.cache).
+* DataLoader (imagenet, imagenet100, ``folder:PATH`` with larger images): too big for memory, so
+  a ``torch.utils.data.DataLoader`` decodes JPEGs in ``num_workers`` processes with the ImageNet
   transforms (RandomResizedCrop 224 + flip; test resize 256, centre crop 224). Workers return
   uint8 tensors (4x less to copy than float32); they are copied to the device with
   ``non_blocking`` (from pinned memory on CUDA) and normalised there by the same ``normalize``.
@@ -23,22 +27,35 @@ on this rank, ``loader.set_epoch(epoch)`` selects the epoch. ``batch_size`` is p
   so a resumed run reproduces an uninterrupted one. The last incomplete batch is dropped.
   With ``world_size > 1`` every rank draws the same permutation and takes its own disjoint
   slice (``train_shard_indices``); every rank gets the same number of batches.
-* test: in file order, not augmented, last batch kept; rank r takes the r-th contiguous block
-  (``test_shard_indices``), so the blocks cover the test set exactly once and the caller can
-  all-reduce correct counts. Iterating it neither reads nor advances any RNG.
+* test (and holdout): in file order, not augmented, last batch kept; rank r takes the r-th
+  contiguous block (``test_shard_indices``), so the blocks cover the set exactly once and the
+  caller can all-reduce correct counts. Iterating it neither reads nor advances any RNG.
 
-Choices (SPEC section 1 fixes the CIFAR and ImageNet ones):
-* mean/std: SPEC's constants for CIFAR-10/100, ImageNet's for the folder datasets; anything else
-  (mnist, tinyimagenet, .npz, fake) uses the per-channel mean/std of its own training images,
-  always right for the data at hand (the .npz CIFAR-10 subset is JPEG-compressed, so its std is
-  not CIFAR-10's).
-* augmentation "standard": random crop with zero padding of image_size // 8 (32 -> 4 px as in
-  SPEC, 64 -> 8 px for TinyImageNet) + horizontal flip. MNIST is padded to 32x32 and repeated
-  to 3 channels at load time (so every CIFAR model runs on it), then translated by up to 2 px
-  (crop 32, padding 2) and never flipped (a mirrored digit is another symbol, or none).
+Inputs are checked before training: a malformed .npz (missing keys, float or NCHW images, labels
+out of range, empty or one-class splits, not an .npz at all) or image folder (one class, splits
+with different classes, mixed sizes, an unreadable file) is a one-line ValueError or
+FileNotFoundError naming the file and what is accepted.
+
+Choices:
+* mean/std: the published per-channel statistics of the official CIFAR-10/100 training sets,
+  ImageNet's for the ImageNet-sized folders; anything else (mnist, tinyimagenet, sample, .npz,
+  small folders, fake) uses the exact per-channel mean/std of its own training images (before
+  subset and holdout), always right for the data at hand (a JPEG copy of CIFAR-10 has a smaller
+  std than CIFAR-10).
+* augmentation "standard": random crop with zero padding of image_size // 8 (32 -> 4 px, the
+  CIFAR recipe of He et al. 2016; 64 -> 8 px for Tiny ImageNet) + horizontal flip. MNIST is padded
+  to 32x32 and repeated to 3 channels at load time (so every CIFAR model runs on it), then
+  translated by up to 2 px (crop 32, padding 2) and never flipped (a mirrored digit is another
+  symbol, or none). "rrc": RandomResizedCrop back to the image size, scale (0.1, 1), ratio
+  (0.8, 1.25), + flip: the TNA authors' Tiny ImageNet recipe (their kd_lth code). "autoaugment":
+  standard + AutoAugment's CIFAR-10 policy (ImageNet policy on the DataLoader path).
 * ``subset=N``: the first N train and N test images when the rows are in no class order
   (CIFAR, MNIST, .npz, fake); evenly spaced rows when the files are grouped by class
   (tinyimagenet, ImageFolder trees), so that every class still appears.
+* ``holdout=N``: a class-stratified hold-out of N training images (``stratified_holdout``),
+  seeded by ``seed`` alone, taken from the training set left by ``subset`` (so ``subset`` says
+  which images a run may see at all, and the hold-out is carved from them); ``Data.holdout_indices``
+  numbers its rows in the source's order (rows of x_train, or files of train/ in sorted order).
 """
 from __future__ import annotations
 
@@ -559,7 +576,7 @@ def _decode_images(paths: Sequence) -> np.ndarray:
                   for image in chunk]
     for path, image in zip(paths, images):
         if image.shape != images[0].shape:
-            size = lambda array: f"{array.shape[1]}x{array.shape[0]} px"  # noqa: E731 - width x height, as PIL
+            size = lambda array: f"{array.shape[1]}x{array.shape[0]} px"  # width x height, as PIL
             raise ValueError(f"{path} is {size(image)} but {paths[0]} is {size(images[0])}: a folder read into "
                              f"memory (images <= {SMALL_IMAGE_MAX} px) needs one image size")
     return np.stack(images)
@@ -617,7 +634,7 @@ def _decoded_layout(root: Path, train_files: Sequence, test_files: Sequence, cla
             if str(layout.pop("cache_key")) == key:
                 return layout
     images = _decode_images([path for path, _ in [*train_files, *test_files]])
-    labels = lambda files: np.array([label for _, label in files], dtype=np.int64)  # noqa: E731
+    labels = lambda files: np.array([label for _, label in files], dtype=np.int64)
     layout = dict(x_train=images[: len(train_files)], y_train=labels(train_files),
                   x_test=images[len(train_files):], y_test=labels(test_files), classes=np.array(class_names))
     for cache in _cache_paths(root):
@@ -695,7 +712,7 @@ def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, devi
                                              arrays.train_labels, holdout, seed)
     test_rows = subset_rows(len(arrays.test_images), subset, arrays.grouped_by_class)
     common = dict(mean=arrays.mean, std=arrays.std, rank=rank, world_size=world_size)
-    evaluation = lambda images, labels, rows: DeviceLoader(  # noqa: E731
+    evaluation = lambda images, labels, rows: DeviceLoader(
         images[rows].to(device), labels[rows].to(device), batch_size=eval_batch_size, train=False, **common)
     autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10) if augment == "autoaugment" else None
     train = DeviceLoader(arrays.train_images[train_rows].to(device), arrays.train_labels[train_rows].to(device),
@@ -740,7 +757,7 @@ def _scan_folders(root: Path, max_classes: Optional[int] = None):
     if len(train.classes) < 2:
         raise ValueError(f"{root / 'train'} holds one class folder ({train.classes[0]}): training needs at least 2")
     if train.classes != test.classes:
-        only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))) or "none"  # noqa: E731
+        only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))) or "none"
         raise ValueError(f"{root}: train/ and {evaluation.name}/ have different class folders (only in train/: "
                          f"{only(train, test)}; only in {evaluation.name}/: {only(test, train)})")
     return train, test
@@ -832,7 +849,8 @@ def _folder_transforms(augment: str) -> tuple[Callable, Callable]:
     test = v2.Compose([v2.Resize(FOLDER_RESIZE), v2.CenterCrop(FOLDER_IMAGE_SIZE), v2.PILToTensor()])
     if augment == "none":
         return test, test
-    crop = v2.RandomResizedCrop(FOLDER_IMAGE_SIZE, **(dict(scale=RRC_SCALE, ratio=RRC_RATIO) if augment == "rrc" else {}))
+    recipe = dict(scale=RRC_SCALE, ratio=RRC_RATIO) if augment == "rrc" else {}  # else torchvision's (ImageNet's)
+    crop = v2.RandomResizedCrop(FOLDER_IMAGE_SIZE, **recipe)
     train = [crop, v2.RandomHorizontalFlip()]
     if augment == "autoaugment":
         train.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))

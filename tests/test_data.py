@@ -97,7 +97,7 @@ def test_rrc_augment_is_one_crop_per_image_on_the_device_loader():
     loaded = data.build_data("fake", batch_size=64, augment="rrc", seed=2)
     assert loaded.train.crop_flip == data.ResizedCropFlip() and "rrc" in data.AUGMENTATIONS
     rng_state = torch.get_rng_state()
-    images, labels = batches(loaded.train, 1)[0]
+    images, _ = batches(loaded.train, 1)[0]
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
     top, left, height, width, flips = (draw[:64] for draw in loaded.train._crop_flip_draws(len(loaded.train.images)))
@@ -352,7 +352,7 @@ def test_npz_schema_faults_are_one_line_errors_naming_the_file(tmp_path, fault):
 def test_npz_that_is_not_an_npz(tmp_path):
     for name, payload in (("pickle.npz", b"\x80\x04K\x01."), ("empty.npz", b""), ("text.npz", b"x_train,y\n")):
         (tmp_path / name).write_bytes(payload)
-        one_line_error(lambda: data.build_data(str(tmp_path / name)), r"is not an \.npz archive")
+        one_line_error(lambda path=tmp_path / name: data.build_data(str(path)), r"is not an \.npz archive")
     np.save(tmp_path / "array.npy", np.zeros(3))
     (tmp_path / "array.npy").rename(tmp_path / "array.npz")
     one_line_error(lambda: data.build_data(str(tmp_path / "array.npz")), r"is not an \.npz archive")
@@ -409,7 +409,7 @@ def test_small_image_folder_is_decoded_once_into_device_memory_with_its_own_stat
 def test_small_folder_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, cache_home, monkeypatch):
     root = tmp_path / "pets"
     write_small_folder(root)
-    build = lambda: data.build_data(f"folder:{root}", batch_size=3, augment="none")  # noqa: E731
+    build = lambda: data.build_data(f"folder:{root}", batch_size=3, augment="none")
     first = build()
     decode = data._decode_images
     monkeypatch.setattr(data, "_decode_images", lambda paths: pytest.fail("decoded again, cache not reused"))
@@ -538,7 +538,6 @@ def test_holdout_is_deterministic_per_seed_and_the_same_on_every_rank():
     assert indices(seed=1) == indices(seed=1) != indices(seed=2)
     ranks = [data.build_data("sample", batch_size=50, holdout=200, seed=1, rank=rank, world_size=2) for rank in (0, 1)]
     assert ranks[0].holdout_indices == ranks[1].holdout_indices == indices(seed=1)
-    images, _ = sample_arrays()
     shards = torch.cat([concatenated(loaded.holdout)[0] for loaded in ranks])
     unsharded = concatenated(data.build_data("sample", batch_size=50, holdout=200, seed=1).holdout)[0]
     assert torch.equal(shards, unsharded)  # the ranks' blocks of the hold-out cover it once
@@ -550,7 +549,7 @@ def test_holdout_is_taken_after_subset_and_refused_when_too_large():
     loaded = data.build_data("sample", batch_size=50, subset=500, holdout=50)
     assert max(loaded.holdout_indices) < 500 and len(loaded.train.images) == 450
     for holdout in (500, 501, -1):
-        one_line_error(lambda: data.build_data("sample", batch_size=50, subset=500, holdout=holdout),
+        one_line_error(lambda holdout=holdout: data.build_data("sample", batch_size=50, subset=500, holdout=holdout),
                        r"holdout -?\d+ must be in 1\.\.499: the training set has 500 images")
 
 
