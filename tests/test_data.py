@@ -121,28 +121,29 @@ def test_unaugmented_batch_is_normalised_gather():
     assert torch.equal(labels, loaded.train.labels[indices])
 
 
-def test_npz_dataset(cifar10_small):
-    loaded = data.build_data(str(cifar10_small), batch_size=128, eval_batch_size=300)
+def test_npz_dataset():
+    loaded = data.build_data(str(data.SAMPLE_NPZ), batch_size=128, eval_batch_size=64)  # the PATH.npz route
     assert (loaded.num_classes, loaded.image_size) == (10, 32)
     assert loaded.class_names[:3] == ["airplane", "automobile", "bird"]
-    assert len(loaded.train) == 5000 // 128 and loaded.train.num_samples == 5000 // 128 * 128
-    assert len(loaded.test) == 4 and loaded.test.num_samples == 1000
+    assert len(loaded.train) == 1000 // 128 and loaded.train.num_samples == 1000 // 128 * 128
+    assert len(loaded.test) == 4 and loaded.test.num_samples == 200
     images, labels = next(iter(loaded.train))
     assert images.shape == (128, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and images.device.type == "cpu"
     test_images, test_labels = concatenated(loaded.test)
-    assert len(test_images) == 1000 and torch.equal(test_labels.bincount(), torch.full((10,), 100))
+    assert len(test_images) == 200 and torch.equal(test_labels.bincount(), torch.full((10,), 20))
     # mean/std come from the training images, so the test set is close to standardised
     per_channel = test_images.transpose(0, 1).flatten(1)
     assert per_channel.mean(1).abs().max() < 0.05
     assert (per_channel.std(1) - 1).abs().max() < 0.05
 
 
-def test_subset_takes_first_rows(cifar10_small):
-    full = data.build_data(str(cifar10_small), batch_size=50, augment="none")
-    loaded = data.build_data(str(cifar10_small), batch_size=50, subset=300, augment="none")
-    assert len(loaded.train) == 6 and loaded.test.num_samples == 300
-    assert torch.equal(concatenated(loaded.test)[0], concatenated(full.test)[0][:300])
+def test_subset_takes_first_rows():
+    full = data.build_data("sample", batch_size=50, augment="none")
+    loaded = data.build_data("sample", batch_size=50, subset=150, augment="none")
+    assert len(loaded.train) == 3 and loaded.test.num_samples == 150
+    assert torch.equal(concatenated(loaded.test)[0], concatenated(full.test)[0][:150])
+    assert torch.equal(loaded.train.images, full.train.images[:150])
 
 
 def test_same_seed_and_epoch_give_identical_batches_without_touching_global_rng():
