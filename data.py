@@ -2,14 +2,18 @@
 
 Two paths, one loader contract.
 
-* Device-resident (cifar10, cifar100, mnist, tinyimagenet, fake, ``PATH.npz``): the whole
-  dataset fits in memory, so it is held ONCE as a uint8 tensor [N, 3, H, W] on the training
-  device (as airbench / hlb-CIFAR10 do). A train batch is gathered by index, then randomly
-  cropped from its zero-padded images, flipped and normalised by a few batched tensor ops on
-  that device (``random_crop_flip``, ``normalize``): no per-image Python work, no worker
-  processes, no host-to-device copies after the first.
-* DataLoader (imagenet, imagenet100, ``folder:PATH``): too big for memory, so a
-  ``torch.utils.data.DataLoader`` decodes JPEGs in ``num_workers`` processes with the ImageNet
+* Device-resident (cifar10, cifar100, mnist, tinyimagenet, sample, fake, ``PATH.npz``, and
+  ``folder:PATH`` when its images are at most 64 px): the whole dataset fits in memory, so it is
+  held ONCE as a uint8 tensor [N, 3, H, W] on the training device (as airbench / hlb-CIFAR10 do).
+  A train batch is gathered by index, then cropped, flipped and normalised by a few batched
+  tensor ops on that device, one random crop per image (``random_crop_flip`` or
+  ``resized_crop_flip``, then ``normalize``): no per-image Python work, no worker processes, no
+  host-to-device copies after the first. Image files (tinyimagenet, small folders) are decoded
+  once, in threads, and the decoded copy is cached as an .npz keyed by every file's path, label,
+  size and modification time (rebuilt when any changes): beside the data when that folder is
+  writable, else in ``user_cache_dir()`` ($XDG_CACHE_HOME/online-kd, default ~/.cache).
+* DataLoader (imagenet, imagenet100, ``folder:PATH`` with larger images): too big for memory, so
+  a ``torch.utils.data.DataLoader`` decodes JPEGs in ``num_workers`` processes with the ImageNet
   transforms (RandomResizedCrop 224 + flip; test resize 256, centre crop 224). Workers return
   uint8 tensors (4x less to copy than float32); they are copied to the device with
   ``non_blocking`` (from pinned memory on CUDA) and normalised there by the same ``normalize``.
@@ -23,28 +27,45 @@ on this rank, ``loader.set_epoch(epoch)`` selects the epoch. ``batch_size`` is p
   so a resumed run reproduces an uninterrupted one. The last incomplete batch is dropped.
   With ``world_size > 1`` every rank draws the same permutation and takes its own disjoint
   slice (``train_shard_indices``); every rank gets the same number of batches.
-* test: in file order, not augmented, last batch kept; rank r takes the r-th contiguous block
-  (``test_shard_indices``), so the blocks cover the test set exactly once and the caller can
-  all-reduce correct counts. Iterating it neither reads nor advances any RNG.
+* test (and holdout): in file order, not augmented, last batch kept; rank r takes the r-th
+  contiguous block (``test_shard_indices``), so the blocks cover the set exactly once and the
+  caller can all-reduce correct counts. Iterating it neither reads nor advances any RNG.
 
-Choices (SPEC section 1 fixes the CIFAR and ImageNet ones):
-* mean/std: SPEC's constants for CIFAR-10/100, ImageNet's for the folder datasets; anything else
-  (mnist, tinyimagenet, .npz, fake) uses the per-channel mean/std of its own training images,
-  always right for the data at hand (the .npz CIFAR-10 subset is JPEG-compressed, so its std is
-  not CIFAR-10's).
-* augmentation "standard": random crop with zero padding of image_size // 8 (32 -> 4 px as in
-  SPEC, 64 -> 8 px for TinyImageNet) + horizontal flip. MNIST is padded to 32x32 and repeated
-  to 3 channels at load time (so every CIFAR model runs on it), then translated by up to 2 px
-  (crop 32, padding 2) and never flipped (a mirrored digit is another symbol, or none).
+Inputs are checked before training: a malformed .npz (missing keys, float or NCHW images, labels
+out of range, empty or one-class splits, not an .npz at all) or image folder (one class, splits
+with different classes, mixed sizes, an unreadable file) is a one-line ValueError or
+FileNotFoundError naming the file and what is accepted.
+
+Choices:
+* mean/std: the published per-channel statistics of the official CIFAR-10/100 training sets,
+  ImageNet's for the ImageNet-sized folders; anything else (mnist, tinyimagenet, sample, .npz,
+  small folders, fake) uses the exact per-channel mean/std of its own training images (before
+  subset and holdout), always right for the data at hand (a JPEG copy of CIFAR-10 has a smaller
+  std than CIFAR-10).
+* augmentation "standard": random crop with zero padding of image_size // 8 (32 -> 4 px, the
+  CIFAR recipe of He et al. 2016; 64 -> 8 px for Tiny ImageNet) + horizontal flip. MNIST is padded
+  to 32x32 and repeated to 3 channels at load time (so every CIFAR model runs on it), then
+  translated by up to 2 px (crop 32, padding 2) and never flipped (a mirrored digit is another
+  symbol, or none). "rrc": RandomResizedCrop back to the image size, scale (0.1, 1), ratio
+  (0.8, 1.25), + flip: the TNA authors' Tiny ImageNet recipe (their kd_lth code). "autoaugment":
+  standard + AutoAugment's CIFAR-10 policy (ImageNet policy on the DataLoader path).
 * ``subset=N``: the first N train and N test images when the rows are in no class order
   (CIFAR, MNIST, .npz, fake); evenly spaced rows when the files are grouped by class
   (tinyimagenet, ImageFolder trees), so that every class still appears.
+* ``holdout=N``: a class-stratified hold-out of N training images (``stratified_holdout``),
+  seeded by ``seed`` alone, taken from the training set left by ``subset`` (so ``subset`` says
+  which images a run may see at all, and the hold-out is carved from them); ``Data.holdout_indices``
+  numbers its rows in the source's order (rows of x_train, or files of train/ in sorted order).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import os
-from dataclasses import dataclass
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -55,9 +76,13 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "imagenet100", "mnist", "fake",
+DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "imagenet100", "mnist", "sample", "fake",
             "folder:PATH", "PATH.npz")
-AUGMENTS = ("standard", "none", "autoaugment")
+# --augment: standard = crop from zero padding + flip (ImageNet folders: RandomResizedCrop 224 + flip);
+# rrc = RandomResizedCrop to the image size with RRC_SCALE, RRC_RATIO + flip; autoaugment = standard + AutoAugment
+AUGMENTATIONS = ("standard", "none", "autoaugment", "rrc")
+# The TNA authors' Tiny ImageNet recipe: RandomResizedCrop(64, scale=(0.1, 1), ratio=(0.8, 1.25)) + flip.
+RRC_SCALE, RRC_RATIO = (0.1, 1.0), (0.8, 1.25)
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -65,11 +90,15 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET100_CLASSES = 100  # the first 100 WordNet ids in sorted order
 FOLDER_IMAGE_SIZE, FOLDER_RESIZE = 224, 256
 FAKE_TRAIN, FAKE_TEST, FAKE_CLASSES, FAKE_SIZE = 1024, 256, 10, 32
-TINYIMAGENET_CACHE = "tinyimagenet_uint8.npz"
+# Image folders decoded into memory: tinyimagenet, and folder:PATH when its images are at most this many px.
+SMALL_IMAGE_MAX = 64
+DECODED_CACHE, DECODED_CACHE_VERSION = "decoded_uint8.npz", 1  # the decoded copy's file name; its format
+# The CIFAR-10 sample shipped with the repository (1,000 train / 200 test images; samples/README.md).
+SAMPLE_NPZ = Path(__file__).resolve().parent / "samples" / "cifar10_sample.npz"
 
 # Distinct streams of the (seed, epoch) generators, so that the permutation and the crops
 # are not drawn from the same numbers.
-_PERMUTATION_STREAM, _CROP_FLIP_STREAM, _AUTOAUGMENT_STREAM, _FOLDER_AUGMENT_STREAM = range(4)
+_PERMUTATION_STREAM, _CROP_FLIP_STREAM, _AUTOAUGMENT_STREAM, _FOLDER_AUGMENT_STREAM, _HOLDOUT_STREAM = range(5)
 
 
 @dataclass
@@ -81,6 +110,13 @@ class Data:
     class_names: list
     mean: tuple
     std: tuple
+    holdout: "DeviceLoader | FolderLoader | None" = None  # build_data(holdout=N): an evaluation loader
+    holdout_indices: list = field(default_factory=list)   # its rows of the source's training set, sorted
+
+
+def _flip_draws(generator: torch.Generator, count: int, flip: bool) -> torch.Tensor:
+    flips = torch.rand(count, generator=generator) < 0.5
+    return flips if flip else flips.zero_()
 
 
 @dataclass(frozen=True)
@@ -88,6 +124,33 @@ class CropFlip:
     """Train augmentation of the device path: crop back to size from a zero-padded image, maybe mirror."""
     padding: int
     flip: bool = True
+
+    def draw(self, generator: torch.Generator, count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Per-image (row offset, column offset, flip) for `count` images."""
+        span = 2 * self.padding + 1
+        offsets_y = torch.randint(span, (count,), generator=generator)
+        offsets_x = torch.randint(span, (count,), generator=generator)
+        return offsets_y, offsets_x, _flip_draws(generator, count, self.flip)
+
+    def __call__(self, images: torch.Tensor, offsets_y, offsets_x, flips) -> torch.Tensor:
+        return random_crop_flip(images, offsets_y, offsets_x, flips, self.padding)
+
+
+@dataclass(frozen=True)
+class ResizedCropFlip:
+    """torchvision's RandomResizedCrop(image size, scale, ratio) + RandomHorizontalFlip, one crop per
+    image, batched on the device (see resized_crop_boxes and resized_crop_flip)."""
+    scale: tuple = RRC_SCALE
+    ratio: tuple = RRC_RATIO
+    flip: bool = True
+
+    def draw(self, generator: torch.Generator, count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Per-image (top, left, box height, box width, flip) for `count` images."""
+        boxes = resized_crop_boxes(generator, count, height, width, self.scale, self.ratio)
+        return (*boxes, _flip_draws(generator, count, self.flip))
+
+    def __call__(self, images: torch.Tensor, top, left, box_height, box_width, flips) -> torch.Tensor:
+        return resized_crop_flip(images, top, left, box_height, box_width, flips)
 
 
 # ----------------------------------------------------------------------------- seeding, sharding
@@ -127,6 +190,35 @@ def subset_rows(num_rows: int, subset: Optional[int], grouped_by_class: bool) ->
     return torch.arange(subset)
 
 
+def stratified_holdout(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Sorted positions of `count` of `labels`, each class contributing in proportion to its frequency
+    (largest remainders, ties to the lower class), drawn within each class by a generator seeded by
+    `seed` only: the same positions on every rank and on every run with that seed."""
+    if not 0 < count < len(labels):
+        raise ValueError(f"holdout {count} must be in 1..{len(labels) - 1}: the training set has {len(labels)} images")
+    classes, class_counts = labels.cpu().unique(return_counts=True)
+    exact = class_counts.double() * count / len(labels)
+    quota = exact.floor().long()
+    quota[torch.argsort(quota - exact, stable=True)[: count - int(quota.sum())]] += 1
+    generator = epoch_generator(seed, 0, _HOLDOUT_STREAM)
+    chosen = []
+    for label, share in zip(classes, quota.tolist()):
+        members = (labels.cpu() == label).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:share]])
+    return torch.cat(chosen).sort().values
+
+
+def split_holdout(rows: torch.Tensor, labels: torch.Tensor, holdout: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(training rows, hold-out rows): `rows` of a training set whose labels are `labels`, minus a
+    stratified_holdout of `holdout` of them (none when 0); both in the order of `rows`."""
+    if holdout == 0:
+        return rows, rows[:0]
+    positions = stratified_holdout(labels[rows], holdout, seed)
+    keep = torch.ones(len(rows), dtype=torch.bool)
+    keep[positions] = False
+    return rows[keep], rows[positions]
+
+
 # ----------------------------------------------------------------------------- batched tensor ops
 def random_crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor,
                      flip_mask: torch.Tensor, padding: int) -> torch.Tensor:
@@ -152,24 +244,71 @@ def random_crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: t
     return padded.flatten(2).gather(2, flat_index).view(batch, channels, height, width)
 
 
+def resized_crop_boxes(generator: torch.Generator, count: int, height: int, width: int, scale: Sequence[float],
+                       ratio: Sequence[float], attempts: int = 10) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop's boxes (top, left, box height, box width; int64 [count] each) for `count` images
+    at once, drawn as torchvision's get_params draws them: up to 10 attempts of an area fraction uniform
+    in `scale` and a log-uniform aspect ratio in `ratio`, the first box that fits the image wins, a
+    uniform position inside it; when no attempt fits, the centred largest box within `ratio`."""
+    area = torch.empty(count, attempts).uniform_(scale[0], scale[1], generator=generator) * (height * width)
+    aspect = torch.empty(count, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    box_width, box_height = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (box_width > 0) & (box_width <= width) & (box_height > 0) & (box_height <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+    box_width, box_height = box_width.gather(1, first).squeeze(1).long(), box_height.gather(1, first).squeeze(1).long()
+    fallback_width = min(width, round(height * ratio[1]))  # torchvision's central crop, clipped to the ratios
+    fallback_height = min(height, round(fallback_width / ratio[0]))
+    any_fits = fits.any(1)
+    box_width = torch.where(any_fits, box_width, fallback_width)
+    box_height = torch.where(any_fits, box_height, fallback_height)
+    uniform = torch.rand(2, count, generator=generator)  # a position uniform over the (H - h + 1) x (W - w + 1) ones
+    top = torch.where(any_fits, (uniform[0] * (height - box_height + 1)).long(), (height - box_height) // 2)
+    left = torch.where(any_fits, (uniform[1] * (width - box_width + 1)).long(), (width - box_width) // 2)
+    return top, left, box_height, box_width
+
+
+def resized_crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, box_height: torch.Tensor,
+                      box_width: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Per-image crop of box (top, left, box_height, box_width), resized bilinearly back to the image's
+    size and mirrored where flips, for a whole batch in one grid_sample on its device.
+
+    images [B, C, H, W] (any dtype) -> float32 [B, C, H, W] in the input's units (0-255 for uint8,
+    unrounded). Output pixel k samples the crop at k + 0.5 crop pixels per output pixel - 0.5, clamped
+    to the crop (align_corners=False resizing, as F.interpolate and torchvision's resize compute it;
+    the boxes never exceed the image, so this only upsamples and antialiasing changes nothing): it
+    equals hflip(resized_crop(image, top, left, box_height, box_width, [H, W])) up to torchvision's
+    rounding to uint8.
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+
+    def sample_points(start, length, size):  # [B, size] source coordinates, in pixels of the whole image
+        start, length = start.to(device, torch.float32)[:, None], length.to(device, torch.float32)[:, None]
+        points = start + (torch.arange(size, device=device) + 0.5) * (length / size) - 0.5
+        return torch.minimum(torch.maximum(points, start), start + length - 1)
+
+    rows, columns = sample_points(top, box_height, height), sample_points(left, box_width, width)
+    columns = torch.where(flips.to(device)[:, None], columns.flip(1), columns)
+    grid = torch.stack([(2 * columns / max(width - 1, 1) - 1)[:, None, :].expand(batch, height, width),
+                        (2 * rows / max(height - 1, 1) - 1)[:, :, None].expand(batch, height, width)], dim=-1)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def normalize(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(x / 255 - mean) / std in float32, as one multiply-subtract; mean/std shaped [1, C, 1, 1]."""
     return images_uint8.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
-def channel_stats(images_uint8: torch.Tensor, chunk: int = 1024) -> tuple[tuple, tuple]:
-    """Per-channel mean and std (population, over all pixels) of uint8 images [N, C, H, W] in
-    [0, 1] units, summed in float64 chunk by chunk so big sets need little extra memory. The
-    std is floored at 1/255 so that a constant channel (synthetic data) is not divided by 0."""
-    total = torch.zeros(images_uint8.shape[1], dtype=torch.float64)
-    total_squares = torch.zeros_like(total)
-    for block in images_uint8.split(chunk):
-        block = block.float().div_(255.0)
-        total += block.sum(dim=(0, 2, 3), dtype=torch.float64).cpu()
-        total_squares += block.square_().sum(dim=(0, 2, 3), dtype=torch.float64).cpu()
-    count = images_uint8.numel() / images_uint8.shape[1]
-    mean = total / count
-    std = (total_squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
+def channel_stats(images_uint8: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std (population, over all pixels) of uint8 images [N, C, H, W] in [0, 1]
+    units, exact: computed in float64 from each channel's histogram of its 256 values (fast, and no
+    float copy of the images). The std is floored at 1/255 so that a constant channel (synthetic
+    data) is not divided by 0."""
+    counts = torch.stack([channel.flatten().bincount(minlength=256) for channel in images_uint8.unbind(1)])
+    probabilities = counts.cpu().double() / counts[0].sum().item()                       # [C, 256]
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean = probabilities @ values
+    std = (probabilities @ values.square() - mean.square()).clamp_min(0).sqrt().clamp_min(1 / 255)
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
@@ -195,14 +334,15 @@ def _usable_cpus() -> int:
 class DeviceLoader:
     """Batches from uint8 images held on the device; see the module docstring for the contract.
 
-    crop_flip=None disables the random crop and flip (test, or augment="none"); autoaugment, a
+    crop_flip (a CropFlip or ResizedCropFlip, None for test or augment="none") draws the epoch's
+    per-image crops once and applies them batch by batch; autoaugment, a
     per-image transform on uint8 tensors, runs after the crop and flip (the order of the
     torchvision CIFAR recipes) inside a global RNG seeded per (seed, epoch, rank, batch).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
                  mean: Sequence[float], std: Sequence[float], train: bool,
-                 crop_flip: Optional[CropFlip] = None, autoaugment: Optional[Callable] = None,
+                 crop_flip: "CropFlip | ResizedCropFlip | None" = None, autoaugment: Optional[Callable] = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
@@ -227,17 +367,11 @@ class DeviceLoader:
             return train_shard_indices(len(self.images), self.seed, self.epoch, self.rank, self.world_size)
         return test_shard_indices(len(self.images), self.rank, self.world_size)
 
-    def _crop_flip_draws(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The epoch's crop offsets and flips for every position, drawn at once, moved once."""
+    def _crop_flip_draws(self, count: int) -> list[torch.Tensor]:
+        """The epoch's crops and flips for every position, drawn at once, moved once."""
         generator = epoch_generator(self.seed, self.epoch, _CROP_FLIP_STREAM, self.rank)
-        span = 2 * self.crop_flip.padding + 1
-        offsets_y = torch.randint(span, (count,), generator=generator)
-        offsets_x = torch.randint(span, (count,), generator=generator)
-        flips = torch.rand(count, generator=generator) < 0.5
-        if not self.crop_flip.flip:
-            flips.zero_()
-        device = self.images.device
-        return offsets_y.to(device), offsets_x.to(device), flips.to(device)
+        draws = self.crop_flip.draw(generator, count, *self.images.shape[-2:])
+        return [draw.to(self.images.device) for draw in draws]
 
     def _autoaugment_batch(self, images: torch.Tensor, batch_number: int) -> torch.Tensor:
         with seeded_global_rng(epoch_seed(self.seed, self.epoch, _AUTOAUGMENT_STREAM, self.rank, batch_number)):
@@ -247,14 +381,13 @@ class DeviceLoader:
         indices = self.epoch_indices()[: self.num_samples].to(self.images.device)
         augment = self.train and self.crop_flip is not None
         if augment:
-            offsets_y, offsets_x, flips = self._crop_flip_draws(len(indices))
+            draws = self._crop_flip_draws(len(indices))
         for batch_number, start in enumerate(range(0, len(indices), self.batch_size)):
             positions = slice(start, start + self.batch_size)
             batch_indices = indices[positions]
             images = self.images[batch_indices]
             if augment:
-                images = random_crop_flip(images, offsets_y[positions], offsets_x[positions],
-                                          flips[positions], self.crop_flip.padding)
+                images = self.crop_flip(images, *(draw[positions] for draw in draws))
             if self.train and self.autoaugment is not None:
                 images = self._autoaugment_batch(images, batch_number)
             yield normalize(images, self.mean, self.std), self.labels[batch_indices]
@@ -274,10 +407,6 @@ class ImageArrays:
     grouped_by_class: bool = False
 
 
-def _nhwc_to_nchw(images) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(images, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous()
-
-
 def _arrays_with_own_stats(train_images, train_labels, test_images, test_labels, class_names,
                            grouped_by_class=False, crop_flip=None, mean=None, std=None) -> ImageArrays:
     """ImageArrays from uint8 NCHW tensors; mean/std default to the training images' own, the
@@ -291,20 +420,88 @@ def _arrays_with_own_stats(train_images, train_labels, test_images, test_labels,
                        grouped_by_class)
 
 
-def _arrays_from_npz_layout(arrays, grouped_by_class: bool = False) -> ImageArrays:
-    """x_train, y_train, x_test, y_test (uint8 NHWC, int labels) and optional classes, from
-    an opened .npz or a dict with those keys."""
-    num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
-    class_names = (arrays["classes"].tolist() if "classes" in arrays
-                   else [str(label) for label in range(num_classes)])
-    return _arrays_with_own_stats(_nhwc_to_nchw(arrays["x_train"]), arrays["y_train"],
-                                  _nhwc_to_nchw(arrays["x_test"]), arrays["y_test"],
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _checked_images(images: np.ndarray, where: str) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] (or grey [N, H, W] / [N, H, W, 1]) as a uint8 tensor [N, 3, H, W],
+    or a ValueError naming what is wrong and what is accepted."""
+    accepted = "expected uint8 images [N, H, W, 3] (NHWC, RGB, 0-255) or [N, H, W] (grey)"
+    if images.size == 0:
+        raise ValueError(f"{where} is empty (shape {images.shape}): {accepted}")
+    if images.dtype != np.uint8:
+        hint = " (e.g. store (x * 255).round().astype(np.uint8))" if images.dtype.kind == "f" else ""
+        raise ValueError(f"{where} is {images.dtype}: {accepted}{hint}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
+        raise ValueError(f"{where} has shape {images.shape}, which is NCHW: {accepted} "
+                         f"(store x.transpose(0, 2, 3, 1))")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{where} has shape {images.shape}: {accepted}")
+    # choice: grey images are repeated to 3 channels (as MNIST is), so every model runs on them unchanged
+    return torch.as_tensor(images).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
+
+
+def _checked_labels(labels: np.ndarray, num_images: int, where: str) -> torch.Tensor:
+    """Integer class indices [N], one per image, none negative, as an int64 tensor (or a ValueError)."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{where} is {labels.dtype} of shape {labels.shape}: expected integer class "
+                         f"indices [N] (one per image, not one-hot)")
+    if len(labels) != num_images:
+        raise ValueError(f"{where} holds {len(labels)} labels for {num_images} images: expected one per image")
+    if labels.min() < 0:
+        raise ValueError(f"{where} holds negative labels (min {labels.min()}): expected 0..C-1")
+    return torch.as_tensor(labels.astype(np.int64))
+
+
+def _arrays_from_npz_layout(arrays, source, grouped_by_class: bool = False) -> ImageArrays:
+    """x_train, y_train, x_test, y_test (uint8 NHWC, integer labels) and optional classes, from an
+    opened .npz or a dict with those keys, checked: every problem is a one-line ValueError naming
+    ``source`` and the array."""
+    missing = [key for key in NPZ_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"{source}: no {', '.join(missing)}; an .npz dataset holds {', '.join(NPZ_KEYS)} "
+                         f"(uint8 images [N, H, W, 3], integer labels [N]) and optionally classes")
+    images, labels = {}, {}
+    for split in ("train", "test"):
+        images[split] = _checked_images(arrays[f"x_{split}"], f"{source}: x_{split}")
+        labels[split] = _checked_labels(arrays[f"y_{split}"], len(images[split]), f"{source}: y_{split}")
+    if images["train"].shape[1:] != images["test"].shape[1:]:
+        raise ValueError(f"{source}: x_train images are {tuple(images['train'].shape[2:])} px but x_test images "
+                         f"{tuple(images['test'].shape[2:])} px: both splits need one image size")
+    present = labels["train"].unique()
+    if len(present) < 2:
+        raise ValueError(f"{source}: y_train holds one class ({present.tolist()[0]}): training needs at least 2")
+    largest = max(int(labels["train"].max()), int(labels["test"].max()))
+    class_names = arrays["classes"].tolist() if "classes" in arrays else list(range(largest + 1))
+    if largest >= len(class_names):
+        split = "train" if int(labels["train"].max()) == largest else "test"
+        raise ValueError(f"{source}: y_{split} holds label {largest} but classes names {len(class_names)} "
+                         f"classes: expected labels 0..{len(class_names) - 1}")
+    return _arrays_with_own_stats(images["train"], labels["train"], images["test"], labels["test"],
                                   class_names, grouped_by_class)
 
 
+def _read_npz(path: Path) -> dict:
+    """Every array of an .npz file, or a one-line ValueError saying why they cannot be read."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz archive (the zip of .npy arrays that np.savez writes)")
+    try:
+        with np.load(path) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # object arrays, damaged members
+        raise ValueError(f"{path}: cannot read its arrays ({_reason(error)})") from None
+
+
 def _load_npz(path: Path, grouped_by_class: bool = False) -> ImageArrays:
-    with np.load(path) as arrays:
-        return _arrays_from_npz_layout(arrays, grouped_by_class)
+    return _arrays_from_npz_layout(_read_npz(path), path, grouped_by_class)
 
 
 # name: (torchvision class, what to place in data_dir and where to get it, mean, std; None: the
@@ -334,8 +531,7 @@ def _open_torchvision(name: str, data_dir: str, train: bool):
     try:
         return dataset_class(root=data_dir, train=train, download=True)
     except (OSError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(f"{name} not found in {data_dir} and the download failed ({reason}): "
+        raise FileNotFoundError(f"{name} not found in {data_dir} and the download failed ({_reason(error)}): "
                                 f"place {files_hint} in {data_dir}") from None
 
 
@@ -349,26 +545,110 @@ def _load_torchvision(name: str, data_dir: str) -> ImageArrays:
         return _arrays_with_own_stats(as_cifar(train_set.data), train_set.targets,
                                       as_cifar(test_set.data), test_set.targets,
                                       train_set.classes, crop_flip=CropFlip(padding=2, flip=False))
-    return _arrays_with_own_stats(_nhwc_to_nchw(train_set.data), train_set.targets,
-                                  _nhwc_to_nchw(test_set.data), test_set.targets,
+    return _arrays_with_own_stats(_checked_images(train_set.data, name), train_set.targets,
+                                  _checked_images(test_set.data, name), test_set.targets,
                                   train_set.classes, mean=mean, std=std)
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))  # some Tiny ImageNet images are grey
+# ----------------------------------------------------------------------------- image files, decoded once
+@contextlib.contextmanager
+def _open_image(path):
+    """PIL's image, lazily decoded; any failure to read it (in the block too) is a one-line ValueError naming it."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: cannot read the image ({_reason(error)})") from None
+
+
+def _read_rgb(path) -> np.ndarray:
+    """uint8 [H, W, 3]: grey, palette and RGBA images become RGB."""
+    with _open_image(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _decode_images(paths: Sequence) -> np.ndarray:
+    """uint8 [N, H, W, 3] from image files, decoded in threads (one contiguous chunk per CPU; Pillow
+    releases the GIL while it decodes); every image must have the first one's size."""
+    chunks = np.array_split(np.arange(len(paths)), _usable_cpus())
+    with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+        images = [image for chunk in pool.map(lambda rows: [_read_rgb(paths[row]) for row in rows], chunks)
+                  for image in chunk]
+    for path, image in zip(paths, images):
+        if image.shape != images[0].shape:
+            size = lambda array: f"{array.shape[1]}x{array.shape[0]} px"  # width x height, as PIL
+            raise ValueError(f"{path} is {size(image)} but {paths[0]} is {size(images[0])}: a folder read into "
+                             f"memory (images <= {SMALL_IMAGE_MAX} px) needs one image size")
+    return np.stack(images)
+
+
+def user_cache_dir() -> Path:
+    """Where decoded copies of read-only data folders go: $XDG_CACHE_HOME/online-kd (default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "online-kd"
+
+
+def _cache_paths(root: Path) -> list[Path]:
+    """Where a data folder's decoded copy may be: beside the data when the folder grants write permission
+    (checked on its mode too, so that root leaves a read-only shared folder alone), and in user_cache_dir()
+    under a name unique to the folder."""
+    folder_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    beside = [root / DECODED_CACHE] if os.access(root, os.W_OK) and root.stat().st_mode & 0o222 else []
+    return beside + [user_cache_dir() / f"{root.name}-{folder_id}.npz"]
+
+
+def _cache_key(root: Path, files: Sequence, class_names: Sequence) -> str:
+    """A digest of what the decoded copy depends on: every file's path (relative to root), label, size and
+    modification time, the class names and the cache's format version."""
+    digest = hashlib.sha256(f"{DECODED_CACHE_VERSION}\t{list(class_names)}\n".encode())
+    prefix = len(os.fspath(root))  # every path starts with root: hash the rest, so a moved folder keeps its copy
+    for path, label in files:
+        stat = os.stat(path)
+        digest.update(f"{os.fspath(path)[prefix:]}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_npz_atomically(path: Path, arrays: dict) -> bool:
+    """np.savez under a temporary name, then renamed, so concurrent ranks never read half a file; False
+    (and nothing left behind) when it cannot be written there."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        return False
+
+
+def _decoded_layout(root: Path, train_files: Sequence, test_files: Sequence, class_names: Sequence) -> dict:
+    """The .npz layout (x_train, y_train, x_test, y_test, classes) of (path, label) image files: read from
+    the first cache whose key matches the files, else decoded and cached where it can be written (see
+    _cache_paths). A changed, added or removed file changes the key, so the copy is rebuilt."""
+    key = _cache_key(root, [*train_files, *test_files], class_names)
+    for cache in _cache_paths(root):
+        with contextlib.suppress(ValueError, KeyError, OSError):  # absent, damaged or stale: decode again
+            layout = _read_npz(cache)
+            if str(layout.pop("cache_key")) == key:
+                return layout
+    images = _decode_images([path for path, _ in [*train_files, *test_files]])
+    labels = lambda files: np.array([label for _, label in files], dtype=np.int64)
+    layout = dict(x_train=images[: len(train_files)], y_train=labels(train_files),
+                  x_test=images[len(train_files):], y_test=labels(test_files), classes=np.array(class_names))
+    for cache in _cache_paths(root):
+        if _write_npz_atomically(cache, {**layout, "cache_key": np.array(key)}):
+            break
+    return layout
 
 
 def _load_tinyimagenet(data_dir: str) -> ImageArrays:
-    """The official tiny-imagenet-200 layout (in data_dir or data_dir/tiny-imagenet-200),
-    decoded once with PIL and cached next to it as an .npz (delete it if the folder changes).
-    Labels follow the sorted WordNet ids, as ImageFolder would number them; the val set, which
-    has labels, is the test set."""
+    """The official tiny-imagenet-200 layout (in data_dir or data_dir/tiny-imagenet-200), decoded
+    once and cached (_decoded_layout). Labels follow the sorted WordNet ids, as ImageFolder would
+    number them; the val set, which has labels, is the test set."""
     root = Path(data_dir) / "tiny-imagenet-200"
     root = root if root.is_dir() else Path(data_dir)
-    cache = root / TINYIMAGENET_CACHE
-    if cache.exists():
-        return _load_npz(cache, grouped_by_class=True)
     if not (root / "wnids.txt").exists():
         raise FileNotFoundError(f"tinyimagenet: no wnids.txt in {root}: place the extracted "
                                 f"tiny-imagenet-200/ (from http://cs231n.stanford.edu/tiny-imagenet-200.zip) "
@@ -386,19 +666,8 @@ def _load_tinyimagenet(data_dir: str) -> ImageArrays:
     for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
         file_name, wnid = line.split("\t")[:2]
         test_files.append((root / "val" / "images" / file_name, label_of[wnid]))
-    split = {}
-    for key, files in (("train", train_files), ("test", test_files)):
-        split[f"x_{key}"] = np.stack([_read_rgb(path) for path, _ in files])
-        split[f"y_{key}"] = np.array([label for _, label in files], dtype=np.int64)
-    split["classes"] = np.array([names.get(wnid, wnid) for wnid in wnids])
-    try:  # written under a temporary name and renamed, so concurrent ranks never read half a file
-        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as file:
-            np.savez(file, **split)
-        os.replace(temporary, cache)
-    except OSError:
-        pass  # a read-only data folder: decode again next time
-    return _arrays_from_npz_layout(split, grouped_by_class=True)
+    layout = _decoded_layout(root, train_files, test_files, [names.get(wnid, wnid) for wnid in wnids])
+    return _arrays_from_npz_layout(layout, root, grouped_by_class=True)
 
 
 def _make_fake() -> ImageArrays:
@@ -425,27 +694,37 @@ def _load_arrays(name: str, data_dir: str) -> ImageArrays:
         return _load_tinyimagenet(data_dir)
     if name == "fake":
         return _make_fake()
+    if name == "sample":
+        return _load_npz(SAMPLE_NPZ)
     if name.endswith(".npz"):
         return _load_npz(_resolve_npz(name, data_dir))
     raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
 
 
+def _device_crop_flip(augment: str, standard: CropFlip) -> "CropFlip | ResizedCropFlip | None":
+    """The device path's crop for `augment`, from the dataset's standard one (whose flip setting rrc keeps)."""
+    return {"none": None, "rrc": ResizedCropFlip(flip=standard.flip)}.get(augment, standard)
+
+
 def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, device, subset,
-                       augment, seed, rank, world_size) -> Data:
-    train_rows = subset_rows(len(arrays.train_images), subset, arrays.grouped_by_class)
+                       augment, seed, rank, world_size, holdout) -> Data:
+    train_rows, holdout_rows = split_holdout(subset_rows(len(arrays.train_images), subset, arrays.grouped_by_class),
+                                             arrays.train_labels, holdout, seed)
     test_rows = subset_rows(len(arrays.test_images), subset, arrays.grouped_by_class)
     common = dict(mean=arrays.mean, std=arrays.std, rank=rank, world_size=world_size)
+    evaluation = lambda images, labels, rows: DeviceLoader(
+        images[rows].to(device), labels[rows].to(device), batch_size=eval_batch_size, train=False, **common)
     autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10) if augment == "autoaugment" else None
     train = DeviceLoader(arrays.train_images[train_rows].to(device), arrays.train_labels[train_rows].to(device),
                          batch_size=batch_size, train=True, seed=seed, autoaugment=autoaugment,
-                         crop_flip=None if augment == "none" else arrays.crop_flip, **common)
-    test = DeviceLoader(arrays.test_images[test_rows].to(device), arrays.test_labels[test_rows].to(device),
-                        batch_size=eval_batch_size, train=False, **common)
-    return Data(train, test, len(arrays.class_names), arrays.train_images.shape[-1],
-                arrays.class_names, arrays.mean, arrays.std)
+                         crop_flip=_device_crop_flip(augment, arrays.crop_flip), **common)
+    return Data(train, evaluation(arrays.test_images, arrays.test_labels, test_rows), len(arrays.class_names),
+                arrays.train_images.shape[-1], arrays.class_names, arrays.mean, arrays.std,
+                evaluation(arrays.train_images, arrays.train_labels, holdout_rows) if holdout else None,
+                holdout_rows.tolist())
 
 
-# ----------------------------------------------------------------------------- DataLoader path
+# ----------------------------------------------------------------------------- image folders
 class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder restricted to the first max_classes class folders in sorted order
     (imagenet100); max_classes=None keeps all. Module level, so workers can unpickle it."""
@@ -459,6 +738,44 @@ class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
         return classes, {name: label for label, name in enumerate(classes)}
 
 
+def _scan_folders(root: Path, max_classes: Optional[int] = None):
+    """The ImageFolders of root/train and of its evaluation split, checked: at least 2 classes, the same
+    class folders in both. Any problem is a one-line error naming the folder."""
+    # choice: val/ before test/ when a folder has both: the per-epoch evaluation (and the best epoch picked
+    # from it) is model selection, so a separate test/ stays untouched; ImageNet's labelled split is val/.
+    evaluation = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or evaluation is None:
+        raise FileNotFoundError(f"{root} needs train/<class>/<images> and val/<class>/<images> or "
+                                f"test/<class>/<images> (the ImageFolder layout)")
+    folders = []
+    for split in (root / "train", evaluation):
+        try:
+            folders.append(FirstClassesImageFolder(split, max_classes))
+        except FileNotFoundError as error:  # no class folder, or a class folder without image files
+            raise ValueError(f"{split}: {_reason(error)}") from None
+    train, test = folders
+    if len(train.classes) < 2:
+        raise ValueError(f"{root / 'train'} holds one class folder ({train.classes[0]}): training needs at least 2")
+    if train.classes != test.classes:
+        only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))) or "none"
+        raise ValueError(f"{root}: train/ and {evaluation.name}/ have different class folders (only in train/: "
+                         f"{only(train, test)}; only in {evaluation.name}/: {only(test, train)})")
+    return train, test
+
+
+def _is_small(folder: torchvision.datasets.ImageFolder) -> bool:
+    """Whether the folder's first image is at most SMALL_IMAGE_MAX px on each side (read from its header)."""
+    with _open_image(folder.samples[0][0]) as image:
+        return max(image.size) <= SMALL_IMAGE_MAX
+
+
+def _load_small_folder(root: Path, train: torchvision.datasets.ImageFolder, test) -> ImageArrays:
+    """A folder of small images as device-resident arrays, decoded once and cached; its own mean/std."""
+    return _arrays_from_npz_layout(_decoded_layout(root, train.samples, test.samples, train.classes), root,
+                                   grouped_by_class=True)
+
+
+# ----------------------------------------------------------------------------- DataLoader path
 class SeededTransformDataset(torch.utils.data.Dataset):
     """Applies a transform to (PIL image, label) samples. With a seed, image i of epoch e is
     transformed inside a global RNG seeded by (seed, e, i) and restored afterwards, so the
@@ -532,53 +849,53 @@ def _folder_transforms(augment: str) -> tuple[Callable, Callable]:
     test = v2.Compose([v2.Resize(FOLDER_RESIZE), v2.CenterCrop(FOLDER_IMAGE_SIZE), v2.PILToTensor()])
     if augment == "none":
         return test, test
-    train = [v2.RandomResizedCrop(FOLDER_IMAGE_SIZE), v2.RandomHorizontalFlip()]
+    recipe = dict(scale=RRC_SCALE, ratio=RRC_RATIO) if augment == "rrc" else {}  # else torchvision's (ImageNet's)
+    crop = v2.RandomResizedCrop(FOLDER_IMAGE_SIZE, **recipe)
+    train = [crop, v2.RandomHorizontalFlip()]
     if augment == "autoaugment":
         train.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     return v2.Compose(train + [v2.PILToTensor()]), test
 
 
-def _build_folder_data(root: Path, max_classes: Optional[int], *, batch_size, eval_batch_size,
-                       device, subset, augment, seed, num_workers, rank, world_size) -> Data:
-    if not ((root / "train").is_dir() and (root / "val").is_dir()):
-        raise FileNotFoundError(f"{root} needs train/<class>/*.JPEG and val/<class>/*.JPEG "
-                                f"(ImageFolder layout; ImageNet's val images sorted into class folders)")
-    train_folder = FirstClassesImageFolder(root / "train", max_classes)
-    test_folder = FirstClassesImageFolder(root / "val", max_classes)
-    if train_folder.classes != test_folder.classes:
-        raise ValueError(f"{root}: train/ and val/ have different class folders")
+def _build_folder_data(train_folder, test_folder, *, batch_size, eval_batch_size, device, subset, augment, seed,
+                       num_workers, rank, world_size, holdout) -> Data:
     train_transform, test_transform = _folder_transforms(augment)
     common = dict(device=device, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed,
                   num_workers=num_workers, rank=rank, world_size=world_size)
-    loaders = []
-    for folder, transform, train, size in ((train_folder, train_transform, True, batch_size),
-                                           (test_folder, test_transform, False, eval_batch_size)):
-        rows = subset_rows(len(folder), subset, grouped_by_class=True).tolist()
-        samples = torch.utils.data.Subset(folder, rows)
-        dataset = SeededTransformDataset(samples, transform, seed if train else None)
-        loaders.append(FolderLoader(dataset, batch_size=size, train=train, **common))
-    return Data(loaders[0], loaders[1], len(train_folder.classes), FOLDER_IMAGE_SIZE,
-                list(train_folder.classes), IMAGENET_MEAN, IMAGENET_STD)
+
+    def loader(folder, rows, train):
+        dataset = SeededTransformDataset(torch.utils.data.Subset(folder, rows.tolist()),
+                                         train_transform if train else test_transform, seed if train else None)
+        return FolderLoader(dataset, batch_size=batch_size if train else eval_batch_size, train=train, **common)
+
+    train_rows, holdout_rows = split_holdout(subset_rows(len(train_folder), subset, grouped_by_class=True),
+                                             torch.tensor(train_folder.targets), holdout, seed)
+    test_rows = subset_rows(len(test_folder), subset, grouped_by_class=True)
+    return Data(loader(train_folder, train_rows, True), loader(test_folder, test_rows, False),
+                len(train_folder.classes), FOLDER_IMAGE_SIZE, list(train_folder.classes), IMAGENET_MEAN,
+                IMAGENET_STD, loader(train_folder, holdout_rows, False) if holdout else None, holdout_rows.tolist())
 
 
 # ----------------------------------------------------------------------------- entry point
 def build_data(name: str, data_dir: str = "./data", batch_size: int = 128, device="cpu",
                subset: Optional[int] = None, augment: str = "standard", seed: int = 0,
                eval_batch_size: Optional[int] = None, num_workers: int = 8, rank: int = 0,
-               world_size: int = 1) -> Data:
+               world_size: int = 1, holdout: int = 0) -> Data:
     """Train and test loaders for dataset ``name`` (one of DATASETS; see the module docstring).
 
     eval_batch_size defaults to batch_size; num_workers only matters for the DataLoader path.
     """
-    if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment {augment!r}; accepted: {', '.join(AUGMENTS)}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; accepted: {', '.join(AUGMENTATIONS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     options = dict(batch_size=batch_size, eval_batch_size=eval_batch_size or batch_size,
                    device=device, subset=subset, augment=augment, seed=seed, rank=rank,
-                   world_size=world_size)
+                   world_size=world_size, holdout=holdout)
     if name in ("imagenet", "imagenet100") or name.startswith("folder:"):
         root = Path(name[len("folder:"):]) if name.startswith("folder:") else Path(data_dir)
-        max_classes = IMAGENET100_CLASSES if name == "imagenet100" else None
-        return _build_folder_data(root, max_classes, num_workers=num_workers, **options)
+        train_folder, test_folder = _scan_folders(root, IMAGENET100_CLASSES if name == "imagenet100" else None)
+        if name.startswith("folder:") and _is_small(train_folder):
+            return _build_device_data(_load_small_folder(root, train_folder, test_folder), **options)
+        return _build_folder_data(train_folder, test_folder, num_workers=num_workers, **options)
     return _build_device_data(_load_arrays(name, data_dir), **options)
