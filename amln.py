@@ -117,10 +117,11 @@ def parse_args(argv=None):
 
 # ==== the method ====
 def outcome_loss(logits, peer_logits, targets, temperature=3.0, direction="peer_self"):
-    """Eq. 5-8: L_C = CE(z_j, y) and T^2 * L_KL with rho = softmax(z / T) (eq. 6). Returns (ce, kl), fp32.
+    """Eq. 4-8 for network j: L_C = CE(z_j, y) (eq. 5) and T^2 L_KL with rho = softmax(z / T) (eq. 6-7),
+    both in fp32 and averaged over the batch. Returns (ce, T^2 * kl); the peer's logits are detached.
 
-    direction "peer_self": KL(rho_peer || rho_j), DML's direction; "self_peer": KL(rho_j || rho_peer),
-    eq. 7 as printed. KL summed over classes, averaged over the batch; the peer is detached.
+    direction "peer_self": KL(rho_peer || rho_j), DML's direction (the default); "self_peer":
+    KL(rho_j || rho_peer), eq. 7 as printed. The KL is summed over classes.
     """
     logits = logits.float()
     log_rho = F.log_softmax(logits / temperature, dim=1)
@@ -132,37 +133,45 @@ def outcome_loss(logits, peer_logits, targets, temperature=3.0, direction="peer_
     return F.cross_entropy(logits, targets), kl * temperature**2  # T^2 keeps the gradient scale of CE (eq. 8)
 
 
-def adversarial_loss(disc_logits, peer_id, form="ce"):
-    """Network side of eq. 1: L_D^j = sum_b of a loss that is small when D_j^b takes network j's features
-    sigma(f_j^b) for the peer's. form "ce": CE(D_j^b, peer_id), the non-saturating GAN form (SPEC);
-    "probability": mean(1 - P_D(peer_id)), eq. 1 as printed with D = the probability of the peer's id
-    (saturating: its gradient fades as D grows confident)."""
+def adversarial_loss(disc_logits, ids, form="ce"):
+    """One player's side of eq. 1: the sum over discriminator outputs (one [n, 2] tensor of logits per
+    D_j^b) of a loss that is small when D answers the network ids `ids` (an int for every sample, or a
+    tensor [n]). The networks pass their peer's id (fool D_j^b), the discriminators the true ids. In fp32.
+
+    form "ce": cross-entropy, the log form of GANs (non-saturating on the networks' side);
+    "probability": mean(1 - P_D(ids)), eq. 1 as printed, where D is the probability of an id.
+    """
     total = 0
     for logits in disc_logits:
+        logits = logits.float()
+        target = torch.full((len(logits),), ids, device=logits.device) if isinstance(ids, int) else ids
         if form == "ce":
-            total = total + F.cross_entropy(logits.float(), torch.full((len(logits),), peer_id, device=logits.device))
+            total = total + F.cross_entropy(logits, target)
         else:
-            total = total + (1 - F.softmax(logits.float(), dim=1)[:, peer_id]).mean()
+            total = total + (1 - F.softmax(logits, dim=1).gather(1, target[:, None])).mean()
     return total
 
 
-def discriminator_loss(stage_logits, labels):
-    """Discriminator side of eq. 1: every D_j^b classifies both networks' stage-b features by network
-    id (`labels`). Returns (sum of the cross-entropies, accuracy of each D_j^b as [stage][network])."""
-    losses = [F.cross_entropy(logits.float(), labels) for pair in stage_logits for logits in pair]
-    accuracies = [[(logits.argmax(1) == labels).float().mean() for logits in pair] for pair in stage_logits]
-    return sum(losses), accuracies
+def discriminator_loss(stage_logits, ids, form="ce"):
+    """Eq. 1's max over D: every D_j^b classifies both networks' stage-b features by network id.
+    `stage_logits[b][j]`: D_j^b's logits. Returns (the summed loss, each D's accuracy as [stage][network])."""
+    loss = adversarial_loss([logits for pair in stage_logits for logits in pair], ids, form)
+    accuracies = [[(logits.argmax(1) == ids).float().mean() for logits in pair] for pair in stage_logits]
+    return loss, accuracies
 
 
 def alignment_loss(aligned, peer_final):
-    """Eq. 2: L_F^j = sum_b d(C_j^b(f_j^b), f_peer^final), d = mean squared error (choice: SPEC), peer detached."""
+    """Eq. 2: L_F^j = sum_b d(C_j^b(f_j^b), f_peer^B) in fp32, the peer detached. choice: d = the mean squared
+    error over the batch and C*H*W (the paper says "L2": a per-sample sum of squares is this times C*H*W)."""
     target = peer_final.detach().float()
     return sum(F.mse_loss(features.float(), target) for features in aligned)
 
 
 class Discriminator(torch.nn.Module):
-    """D_j^b (section 3.2): sigma, a 1x1 conv halving the channels (eq. 1), then three 3x3 convs with
-    ReLU, the last with two outputs (the network id), and global average pooling to 2 logits."""
+    """D_j^b (section 3.2): sigma, a 1x1 conv reducing the channels (eq. 1), then "three convolution
+    layers with ReLU, the last with two neurons" (the network id). choice (widths, kernels and pooling
+    are unstated): sigma halves the channels, the convs are 3x3 at that width, and global average
+    pooling turns the last one's two maps into two logits."""
 
     def __init__(self, channels):
         super().__init__()
@@ -179,11 +188,12 @@ class Discriminator(torch.nn.Module):
 
 class Discriminators(torch.nn.Module):
     """Every D_j^b, as stages[b][j]. One call classifies one batch per stage with both discriminators
-    of that stage, so the discriminator step is one forward (what DDP needs)."""
+    of that stage, so the discriminators' step is one forward and one backward."""
 
     def __init__(self, channels_per_stage):
         super().__init__()
-        self.stages = torch.nn.ModuleList(torch.nn.ModuleList(Discriminator(c) for _ in range(2)) for c in channels_per_stage)
+        pairs = (torch.nn.ModuleList(Discriminator(c) for _ in range(2)) for c in channels_per_stage)
+        self.stages = torch.nn.ModuleList(pairs)
 
     def forward(self, stage_inputs):
         return [[disc(features) for disc in pair] for pair, features in zip(self.stages, stage_inputs)]
@@ -202,10 +212,13 @@ class AlignmentContainer(torch.nn.Module):
         self.target_size = target_size
 
     def forward(self, features):
-        features = self.depthwise(features)
-        if tuple(features.shape[2:]) != self.target_size:  # choice: no integer stride fits (ConvNet 14 -> 5): pool the rest
-            features = F.adaptive_avg_pool2d(features, self.target_size)
-        return self.pointwise(features)
+        # choice: in fp32 under any autocast, so that L_F, a difference between the networks, is not bf16 rounding
+        # (a depthwise and a pointwise conv: cheap next to the networks)
+        with torch.autocast(features.device.type, enabled=False):
+            features = self.depthwise(features.float())
+            if tuple(features.shape[2:]) != self.target_size:  # choice: no integer stride fits (14 -> 5): pool the rest
+                features = F.adaptive_avg_pool2d(features, self.target_size)
+            return self.pointwise(features)
 
 
 class PeerBlocks(torch.nn.Module):
@@ -239,10 +252,10 @@ def build_block_modules(shapes, adversarial=True, alignment=True):
     (channels, height, width). Returns (Discriminators or None, [PeerBlocks of peer 1, of peer 2])."""
     common = [tuple(min(a, b) for a, b in zip(first, second)) for first, second in zip(*shapes)]
     discriminators = Discriminators([shape[0] for shape in common]) if adversarial else None
-    blocks = [PeerBlocks([discriminator_adapter(own, target) for own, target in zip(shapes[j], common)] if adversarial else [],
-                         [AlignmentContainer(own, shapes[1 - j][-1]) for own in shapes[j]] if alignment else [])
-              for j in range(2)]
-    return discriminators, blocks
+    adapters = [[discriminator_adapter(own, target) for own, target in zip(shapes[j], common)] if adversarial else []
+                for j in range(2)]
+    containers = [[AlignmentContainer(own, shapes[1 - j][-1]) for own in shapes[j]] if alignment else [] for j in range(2)]
+    return discriminators, [PeerBlocks(adapters[j], containers[j]) for j in range(2)]
 
 
 @torch.no_grad()
@@ -258,89 +271,70 @@ def stage_shapes(network, image_size):
     return [tuple(f.shape[1:]) for f in features]
 
 
-def frozen_call(module, inputs):
-    """module(inputs) with its parameters detached: the gradient reaches `inputs`, never the module."""
-    return torch.func.functional_call(module, {name: p.detach() for name, p in module.named_parameters()}, (inputs,))
+def amln_step(nets, blocks, discriminators, optimizers, images, labels, args, scaler, autocast):
+    """One AMLN iteration on a batch, top to bottom: both networks' forward, the discriminators' step
+    (eq. 1's max over D), then Algorithm 1: L_{S_1} (eq. 9) and S_1's update, L_{S_2} from S_1's
+    updated prediction and S_2's update.
 
-
-def discriminator_step(discriminators, adapted, optimizer, scaler, autocast):
-    """Eq. 1's max over D: every D_j^b (sigma included) learns to tell peer 1's stage-b features (label 0)
-    from peer 2's (label 1). The features are detached, so nothing else changes. `adapted[k][b]`: the
-    adapted stage-b features of network k. Returns the logged terms: the loss and each D's accuracy
-    on this batch, before its update."""
-    stage_inputs = [torch.cat([first.detach(), second.detach()]) for first, second in zip(*adapted)]
-    batch = len(adapted[0][0])
-    labels = torch.arange(2, device=stage_inputs[0].device).repeat_interleave(batch, output_size=2 * batch)  # known size: no sync
-    with autocast():
-        stage_logits = discriminators(stage_inputs)  # one forward: DDP all-reduces on the one backward
-    loss, accuracies = discriminator_loss(stage_logits, labels)
-    backward_step(loss, scaler, optimizer)
-    terms = {"d_loss": loss}
-    for b, pair in enumerate(accuracies):
-        terms.update({f"d_acc_peer{j + 1}_stage{b + 1}": accuracy for j, accuracy in enumerate(pair)})
-    return terms
-
-
-def peer_loss(j, own, peer, discriminators, targets, args, autocast):
-    """Eq. 9 for network j: L_C + T^2 L_KL + L_D + beta L_F, each term present only when on.
-    `own`, `peer`: (logits, final features, adapted features, aligned features) of network j and of
-    its peer; `discriminators`: the raw Discriminators (used with detached parameters) or None;
-    `autocast`: the precision context. Returns (total, the logged terms)."""
-    name = f"peer{j + 1}"
-    logits, _, adapted, aligned = own
-    ce, kl = outcome_loss(logits, peer[0], targets, args.temperature, args.kl_direction)
-    terms, total = {f"ce_{name}": ce}, ce
-    if not args.no_kl:
-        terms[f"kl_{name}"] = kl
-        total = total + kl
-    if discriminators is not None:  # frozen_call: the network step trains no discriminator parameter
-        with autocast():
-            disc_logits = [frozen_call(pair[j], features) for pair, features in zip(discriminators.stages, adapted)]
-        terms[f"adv_{name}"] = adversarial_loss(disc_logits, 1 - j, args.adversarial_loss)
-        total = total + terms[f"adv_{name}"]
-    if aligned:
-        terms[f"align_{name}"] = alignment_loss(aligned, peer[1])
-        total = total + args.beta * terms[f"align_{name}"]
-    return total, terms
-
-
-def amln_step(nets, blocks, discriminators, optimizers, images, targets, args, scaler, autocast):
-    """One AMLN iteration: the discriminators' step, then the networks' (Algorithm 1).
-
-    nets: {"peer1", "peer2"} (possibly DDP-wrapped); blocks: their PeerBlocks (possibly wrapped);
-    discriminators: Discriminators (possibly wrapped) or None; optimizers: one per peer (its network
-    and blocks) and "disc". Returns the loss terms as 0-d tensors (never synced here).
+    nets, blocks: the two networks and their PeerBlocks (adapters to sigma's input, containers C_j^b);
+    discriminators: the Discriminators, or None with --no-adversarial; any of them may come wrapped
+    for DDP. optimizers: "peer1" and "peer2" (a network with its blocks each) and "disc". Networks
+    are 0 and 1 here, so the paper's peer 3 - j is 1 - j. Returns the logged terms as 0-d tensors.
     """
-    names = list(nets)
-
-    def forward(j, grad):  # network j and its block-wise modules
-        with torch.set_grad_enabled(grad), autocast():
-            logits, features = nets[names[j]](images, return_features=True)
-            adapted, aligned = blocks[j](features)
-        return logits, features[-1], adapted, aligned
-
-    def update(loss, *names_to_step):
-        backward_step(loss, scaler, *(optimizers[name] for name in names_to_step))
-
-    outputs = [forward(0, True), forward(1, not args.sequential)]
+    # Algorithm 1 steps 1 and 4: each network's stage features f_j^b and logits z_j. S_2 does not change before
+    # step 6, so this one forward of S_2 gives S_1's targets (step 2) and, graph kept, S_2's own loss (step 5)
+    with autocast():
+        outputs = [net(images, return_features=True) for net in nets]
+        adapted, aligned = zip(*(block(features) for block, (_, features) in zip(blocks, outputs)))
+    logits, finals = [z for z, _ in outputs], [features[-1] for _, features in outputs]  # z_j and f_j^B
     terms = {}
+
     if discriminators is not None:
-        terms.update(discriminator_step(discriminators, [out[2] for out in outputs], optimizers["disc"], scaler, autocast))
-    raw_discriminators = getattr(discriminators, "module", discriminators)  # unwrap DDP
-    if args.sequential:  # Algorithm 1: peer 1 steps, then peer 2 learns from peer 1's updated outputs
-        total = 0
-        for j, name in enumerate(names):
-            if j == 1:
-                outputs = [forward(0, False), forward(1, True)]
-            loss, peer_terms = peer_loss(j, outputs[j], outputs[1 - j], raw_discriminators, targets, args, autocast)
-            update(loss, name)
-            total, terms = total + loss.detach(), {**terms, **peer_terms}
-    else:  # choice: both peers step on one forward (the peer's terms are detached, so the losses separate)
-        losses = [peer_loss(j, outputs[j], outputs[1 - j], raw_discriminators, targets, args, autocast) for j in range(2)]
-        total = losses[0][0] + losses[1][0]
-        update(total, *names)
-        for _, peer_terms in losses:
-            terms.update(peer_terms)
+        # eq. 1, max over D. Algorithm 1 schedules no discriminator step; choice: one per iteration, before the
+        # networks' updates (the usual alternation of GANs). Every D_j^b classifies both networks' stage-b features,
+        # detached, by network id (0: S_1, 1: S_2)
+        batch = len(images)
+        ids = torch.arange(2, device=images.device).repeat_interleave(batch, output_size=2 * batch)  # no sync
+        with autocast():
+            stage_logits = discriminators([torch.cat([one.detach(), two.detach()]) for one, two in zip(*adapted)])
+        terms["d_loss"], accuracies = discriminator_loss(stage_logits, ids, args.adversarial_loss)
+        backward_step(terms["d_loss"], scaler, optimizers["disc"])
+        for b, pair in enumerate(accuracies):
+            terms.update({f"d_acc_peer{j + 1}_stage{b + 1}": accuracy for j, accuracy in enumerate(pair)})
+        # eq. 1, min over f: the networks play against the updated D_j^b, called with detached parameters, so their
+        # loss trains no discriminator (the raw module: a DDP wrapper is for the discriminators' own step)
+        stages = getattr(discriminators, "module", discriminators).stages
+        frozen_discriminators = [[(disc, {name: p.detach() for name, p in disc.named_parameters()}) for disc in pair]
+                                 for pair in stages]
+
+    total = 0
+    for j, peer in ((0, 1), (1, 0)):  # Algorithm 1 steps 2-3 (S_1), then 5-6 (S_2); peer = the paper's 3 - j
+        name = f"peer{j + 1}"
+        if j == 1 and args.sequential and (not args.no_kl or aligned[1]):
+            # step 4: S_2 learns from S_1's updated prediction and final features
+            with torch.no_grad(), autocast():
+                logits[0], features = nets[0](images, return_features=True)
+            finals[0] = features[-1]
+        ce, kl = outcome_loss(logits[j], logits[peer], labels, args.temperature, args.kl_direction)  # eq. 4-7
+        terms[f"ce_{name}"], loss = ce, ce
+        if not args.no_kl:
+            terms[f"kl_{name}"] = kl
+            loss = loss + kl  # eq. 8: L_C + T^2 L_KL (outcome_loss applies the T^2)
+        if discriminators is not None:  # eq. 1, the networks' side: D_j^b should take S_j's features for the peer's
+            with autocast():
+                disc_logits = [torch.func.functional_call(pair[j][0], pair[j][1], (features,))
+                               for pair, features in zip(frozen_discriminators, adapted[j])]
+            terms[f"adv_{name}"] = adversarial_loss(disc_logits, peer, args.adversarial_loss)
+            loss = loss + terms[f"adv_{name}"]
+        if aligned[j]:  # eq. 2: C_j^b(f_j^b) against the peer's final features, detached
+            terms[f"align_{name}"] = alignment_loss(aligned[j], finals[peer])
+            loss = loss + args.beta * terms[f"align_{name}"]  # eq. 3 and 9: L_S = L_C + T^2 L_KL + L_D + beta L_F
+        if args.sequential:  # Algorithm 1 step 3 / 6: update S_j (with its blocks) alone
+            backward_step(loss, scaler, optimizers[name])
+            loss = loss.detach()
+        total = total + loss
+    if not args.sequential:  # --no-sequential: both updates from the one forward (the peer terms are detached)
+        backward_step(total, scaler, optimizers["peer1"], optimizers["peer2"])
     return {"loss": total, **terms}
 
 
@@ -350,8 +344,9 @@ def build_networks(args, num_classes, image_size):
     peers = {f"peer{k + 1}": build_model(name, num_classes, image_size) for k, name in enumerate(architectures)}
     stage_counts = [len(getattr(net, "stages", [])) for net in peers.values()]
     if stage_counts[0] != stage_counts[1]:
-        raise ValueError(f"AMLN pairs the peers stage by stage (section 3.1), but {architectures[0]} has {stage_counts[0]} stages "
-                         f"and {architectures[1]} has {stage_counts[1]}; choose two architectures with the same number of stages")
+        raise ValueError(f"AMLN pairs the peers stage by stage (section 3.1), but {architectures[0]} has "
+                         f"{stage_counts[0]} stages and {architectures[1]} has {stage_counts[1]}; choose two "
+                         "architectures with the same number of stages")
     return peers
 
 
@@ -550,19 +545,21 @@ def main(args):
               + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
 
     # ==== the method's training step and evaluation outputs ====
-    def wrap(module):  # under torchrun the extra trainable modules need their gradients all-reduced too
-        trainable = module is not None and any(p.requires_grad for p in module.parameters())
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) if distributed and trainable else module
-
-    train_blocks, train_discriminators = [wrap(b) for b in blocks], wrap(discriminators)
+    # stand-in for the scaffolding's DDP block (it is to wrap every trainable module of extra_modules, as it wraps the
+    # networks): under torchrun the blocks' and discriminators' gradients are all-reduced too
+    train_extra = {name: DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+                   if distributed and any(p.requires_grad for p in module.parameters()) else module
+                   for name, module in extra_modules.items()}
 
     def train_step(images, labels, epoch):
-        """One AMLN iteration (Algorithm 1, eq. 1-9) on a batch; returns the loss terms as tensors (logged per epoch)."""
-        return amln_step(train_nets, train_blocks, train_discriminators, optimizers, images, labels, args, scaler, autocast)
+        """One AMLN iteration (amln_step: eq. 1-9 in the order of Algorithm 1); returns the logged loss terms."""
+        return amln_step([train_nets["peer1"], train_nets["peer2"]], [train_extra["peer1_blocks"], train_extra["peer2_blocks"]],
+                         train_extra.get("discriminators"), optimizers, images, labels, args, scaler, autocast)
 
     def predict(images):
         logits = {name: net(images) for name, net in networks.items()}
-        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+        # choice: the ensemble (not in the paper) averages the peers' logits, as in every script here
+        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}
 
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)

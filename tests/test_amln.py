@@ -2,16 +2,31 @@
 parameters each step changes, the ablation flags, and the script end to end (outputs, resume, bad input)."""
 import argparse
 import contextlib
+import copy
 import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    TINY_RUN,
+    check_resume_equals_uninterrupted,
+    read_summary,
+    run_script,
+)
 
-from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules, discriminator_loss,
-                  discriminator_step, make_optimizer, outcome_loss, peer_loss, stage_shapes)
-from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script
+from amln import (
+    AlignmentContainer,
+    adversarial_loss,
+    alignment_loss,
+    amln_step,
+    build_block_modules,
+    discriminator_loss,
+    make_optimizer,
+    outcome_loss,
+    stage_shapes,
+)
 from models import build_model
 
 
@@ -40,9 +55,9 @@ def test_outcome_loss_detaches_the_peer():
 def test_adversarial_and_discriminator_losses_match_hand_computation():
     undecided = torch.zeros(4, 2)  # D outputs equal logits: CE log 2 for any label
     confident = torch.tensor([[5.0, 0.0]] * 2 + [[0.0, 5.0]] * 2)  # right on labels 0, 0, 1, 1
-    assert adversarial_loss([undecided, undecided], peer_id=1).item() == pytest.approx(2 * math.log(2))
+    assert adversarial_loss([undecided, undecided], 1).item() == pytest.approx(2 * math.log(2))
     # the network side is the cross-entropy towards the PEER's id: large when D recognises network 0
-    assert adversarial_loss([confident[:2]], peer_id=1).item() == pytest.approx(5 + math.log(1 + math.exp(-5)))
+    assert adversarial_loss([confident[:2]], 1).item() == pytest.approx(5 + math.log(1 + math.exp(-5)))
     # eq. 1 as printed: 1 - P(peer id), bounded by 1 per stage
     assert adversarial_loss([confident[:2]], 1, form="probability").item() == pytest.approx(1 - 1 / (1 + math.exp(5)))
     assert adversarial_loss([undecided, undecided], 0, form="probability").item() == pytest.approx(1.0)
@@ -85,27 +100,27 @@ def test_mixed_pair_gets_an_adapter_on_the_wider_network_only():
     assert all(tuple(a.shape[1:]) == shapes[0][-1] for a in aligned)  # WRN's stages -> ResNet-20's final map
 
 
-# ---- the steps: which parameters each one changes ----
-def tiny_pair(**flags):
-    """Two ConvNets, their block-wise modules and optimizers, a batch, and the step's arguments."""
+# ---- the step: which parameters each part changes ----
+def tiny_pair(model="convnet", image_size=32, **flags):
+    """Two networks, their block-wise modules and optimizers, a batch, and the step's arguments."""
     torch.manual_seed(0)
-    options = dict(temperature=3.0, beta=1.0, kl_direction="peer_self", adversarial_loss="ce", sequential=False, no_kl=False,
-                   no_adversarial=False, no_alignment=False, lr=0.1, disc_lr=0.1, optimizer="sgd", momentum=0.9,
-                   weight_decay=5e-4, nesterov=False)
+    options = {"temperature": 3.0, "beta": 1.0, "kl_direction": "peer_self", "adversarial_loss": "ce", "sequential": False,
+               "no_kl": False, "no_adversarial": False, "no_alignment": False, "lr": 0.1, "disc_lr": 0.1, "optimizer": "sgd",
+               "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
     args = argparse.Namespace(**{**options, **flags})
-    nets = {name: build_model("convnet", 10) for name in ("peer1", "peer2")}
-    shapes = [stage_shapes(net, 32) for net in nets.values()]
+    nets = [build_model(model, 10, image_size) for _ in range(2)]
+    shapes = [stage_shapes(net, image_size) for net in nets]
     discriminators, blocks = build_block_modules(shapes, not args.no_adversarial, not args.no_alignment)
-    optimizers = {name: make_optimizer([*net.parameters(), *blocks[j].parameters()], args) for j, (name, net) in enumerate(nets.items())}
+    optimizers = {f"peer{j + 1}": make_optimizer([*net.parameters(), *blocks[j].parameters()], args) for j, net in enumerate(nets)}
     if discriminators is not None:
         optimizers["disc"] = make_optimizer(discriminators.parameters(), args, lr=args.disc_lr)
-    images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    images, targets = torch.randn(8, 3, image_size, image_size), torch.randint(0, 10, (8,))
     return nets, blocks, discriminators, optimizers, images, targets, args
 
 
-def step(nets, blocks, discriminators, optimizers, images, targets, args):
+def step(nets, blocks, discriminators, optimizers, images, targets, args, autocast=contextlib.nullcontext):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return amln_step(nets, blocks, discriminators, optimizers, images, targets, args, scaler, contextlib.nullcontext)
+    return amln_step(nets, blocks, discriminators, optimizers, images, targets, args, scaler, autocast)
 
 
 def snapshot(*modules):
@@ -116,30 +131,33 @@ def changed(before, *modules):
     return [not torch.equal(old, new) for old, new in zip(before, (p for m in modules for p in m.parameters()))]
 
 
-def test_discriminator_step_changes_only_discriminator_parameters():
-    nets, blocks, discriminators, optimizers, images, targets, _ = tiny_pair()
-    others = [*nets.values(), *blocks]
-    before_others, before_disc = snapshot(*others), snapshot(discriminators)
-    adapted = [blocks[j](nets[name](images, return_features=True)[1])[0] for j, name in enumerate(nets)]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    terms = discriminator_step(discriminators, adapted, optimizers["disc"], scaler, contextlib.nullcontext)
-    assert all(changed(before_disc, discriminators))  # sigma and all three convs of every D_j^b
-    assert not any(changed(before_others, *others))
-    assert all(p.grad is None for net in nets.values() for p in net.parameters())
+@pytest.mark.parametrize("sequential", [False, True])
+def test_discriminators_learn_from_their_own_loss_only(sequential):
+    """The discriminators' gradients are exactly those of eq. 1's max over D on the batch's detached features:
+    the networks' side (min over f) uses them with detached parameters and adds nothing."""
+    pair = tiny_pair(sequential=sequential)
+    nets, blocks, discriminators, _, images, _, _ = pair
+    reference = copy.deepcopy(discriminators)
+    with torch.no_grad():
+        adapted = [blocks[j](net(images, return_features=True)[1])[0] for j, net in enumerate(nets)]
+    ids = torch.tensor([0] * 8 + [1] * 8)
+    expected, _ = discriminator_loss(reference([torch.cat(stage) for stage in zip(*adapted)]), ids)
+    expected.backward()
+    terms = step(*pair)
+    assert terms["d_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, want in zip(discriminators.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad)
     assert {f"d_acc_peer{j}_stage{b}" for j in (1, 2) for b in (1, 2)} <= set(terms) and terms["d_acc_peer1_stage1"].dim() == 0
 
 
-def test_network_step_reaches_the_networks_through_the_discriminators_but_never_trains_them():
-    nets, blocks, discriminators, _, images, targets, args = tiny_pair(no_kl=True, no_alignment=True)
-    outputs = []
-    for j, name in enumerate(nets):
-        logits, features = nets[name](images, return_features=True)
-        outputs.append((logits, features[-1], *blocks[j](features)))
-    _, terms = peer_loss(0, outputs[0], outputs[1], discriminators, targets, args, contextlib.nullcontext)
-    terms["adv_peer1"].backward()  # L_D alone
-    assert all(p.grad is None for p in discriminators.parameters())
-    assert nets["peer1"].stages[0][0].weight.grad.abs().sum() > 0  # the adversarial gradient reaches stage 1
-    assert all(p.grad is None for p in nets["peer2"].parameters())
+def test_adversarial_gradient_reaches_the_first_stage():
+    """L_D^j trains network j's early stages through D_j^b: with and without it, the same step moves stage 1 differently."""
+    stage_one = []
+    for adversarial in (True, False):
+        nets, *rest = tiny_pair(no_kl=True, no_alignment=True, no_adversarial=not adversarial)
+        step(nets, *rest)
+        stage_one.append(nets[0].stages[0][0].weight.detach().clone())
+    assert not torch.allclose(stage_one[0], stage_one[1])
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -147,10 +165,10 @@ def test_whole_iteration_changes_discriminators_only_through_their_optimizer(seq
     """With the discriminators' lr at 0, an AMLN iteration leaves them unchanged while both peers learn."""
     nets, blocks, discriminators, optimizers, images, targets, args = tiny_pair(sequential=sequential)
     optimizers["disc"].param_groups[0]["lr"] = 0.0
-    before_disc, before_peers = snapshot(discriminators), [snapshot(net) for net in nets.values()]
+    before_disc, before_peers = snapshot(discriminators), [snapshot(net) for net in nets]
     terms = step(nets, blocks, discriminators, optimizers, images, targets, args)
     assert not any(changed(before_disc, discriminators))
-    assert all(any(changed(before, net)) for before, net in zip(before_peers, nets.values()))
+    assert all(any(changed(before, net)) for before, net in zip(before_peers, nets))
     assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values())
 
 
