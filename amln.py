@@ -311,9 +311,17 @@ def amln_step(nets, blocks, discriminators, optimizers, images, labels, args, sc
     for j, peer in ((0, 1), (1, 0)):  # Algorithm 1 steps 2-3 (S_1), then 5-6 (S_2); peer = the paper's 3 - j
         name = f"peer{j + 1}"
         if j == 1 and args.sequential and (not args.no_kl or aligned[1]):
-            # step 4: S_2 learns from S_1's updated prediction and final features
+            # step 4: S_2 learns from S_1's updated prediction and final features. choice: one forward of the updated
+            # S_1 without gradient, its BN layers normalising with the batch's statistics as in training but leaving
+            # their running statistics alone: they saw this batch in step 1 (a plain train-mode re-forward would
+            # count it twice; eval mode would give another prediction than training's)
+            norms = [m for m in nets[0].modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            for norm in norms:
+                norm.track_running_stats = False
             with torch.no_grad(), autocast():
                 logits[0], features = nets[0](images, return_features=True)
+            for norm in norms:
+                norm.track_running_stats = True
             finals[0] = features[-1]
         ce, kl = outcome_loss(logits[j], logits[peer], labels, args.temperature, args.kl_direction)  # eq. 4-7
         terms[f"ce_{name}"], loss = ce, ce

@@ -172,6 +172,44 @@ def test_whole_iteration_changes_discriminators_only_through_their_optimizer(seq
     assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values())
 
 
+class CountingNetwork(torch.nn.Module):
+    """A network that counts its forwards."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.forwards = network, 0
+
+    def forward(self, images, return_features=False):
+        self.forwards += 1
+        return self.network(images, return_features=return_features)
+
+
+def test_sequential_step_moves_each_running_statistic_once_and_wastes_no_forward():
+    """Algorithm 1 (--sequential): each network's BN statistics see each batch once (as one train-mode forward
+    of the network before the step would move them), S_2 is forwarded once and S_1 twice (its update, then
+    its updated prediction for S_2), and S_2's KL target is S_1's updated training-mode prediction."""
+    nets, blocks, discriminators, optimizers, images, targets, args = tiny_pair("resnet20", 16, sequential=True)
+    before = copy.deepcopy(nets)
+    counted = [CountingNetwork(net) for net in nets]
+    steps = 3
+    for index in range(steps):
+        terms = step(counted, blocks, discriminators, optimizers, images, targets, args)
+        if index == 0:
+            once = [copy.deepcopy(net) for net in before]
+            initial_logits = [net(images) for net in once]  # one train-mode forward each: the expected statistics
+            for net, expected in zip(nets, once):
+                for (name, got), want in zip(net.named_buffers(), expected.buffers()):
+                    torch.testing.assert_close(got, want, msg=name)
+            with torch.no_grad():
+                updated_peer1 = copy.deepcopy(nets[0])(images)  # train mode: the batch's statistics
+            expected_kl = outcome_loss(initial_logits[1], updated_peer1, targets, args.temperature)[1]
+            assert terms["kl_peer2"].item() == pytest.approx(expected_kl.item(), rel=1e-5)
+    for net in nets:
+        tracked = [m.num_batches_tracked.item() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert tracked and set(tracked) == {steps}
+    assert [net.forwards for net in counted] == [2 * steps, steps]
+
+
 @pytest.mark.parametrize("flag,prefixes", [("no_kl", ("kl_",)), ("no_adversarial", ("adv_", "d_")), ("no_alignment", ("align_",))])
 def test_each_ablation_flag_removes_its_term(flag, prefixes):
     """Table 6: each flag drops its loss terms (absent from the log) and the total is the sum of the rest."""
