@@ -210,6 +210,46 @@ def test_sequential_step_moves_each_running_statistic_once_and_wastes_no_forward
     assert [net.forwards for net in counted] == [2 * steps, steps]
 
 
+class FixedOutputs(torch.nn.Module):
+    """A stand-in network whose logits and stage features are parameters, so they stay fp32 under autocast:
+    a bf16 step then differs from an fp32 step only where the method itself computes in bf16."""
+
+    def __init__(self, logits, features):
+        super().__init__()
+        self.logits, self.features = torch.nn.Parameter(logits), torch.nn.ParameterList(features)
+
+    def forward(self, images, return_features=False):
+        return self.logits * 1, [features * 1 for features in self.features]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_losses_between_networks_are_fp32_in_a_bf16_step(sequential):
+    """Issue: under bf16 autocast a difference between near-equal quantities is mostly rounding. On a fixed batch
+    (peers whose logits differ by ~1e-3), a bf16 step gives the fp32 step's CE, KL and alignment terms to fp32
+    precision. The discriminators' convolutions run in the autocast precision (a classifier, no difference of
+    near-equal values): their terms agree to bf16 precision."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 10)
+    shapes = [(16, 8, 8), (32, 4, 4)]
+    features = [[torch.randn(8, *shape) for shape in shapes] for _ in range(2)]
+    nets = [FixedOutputs(logits + 1e-3 * torch.randn(8, 10) * j, features[j]) for j in range(2)]
+    *_, targets, args = tiny_pair(sequential=sequential)
+    discriminators, blocks = build_block_modules([shapes, shapes])
+    runs = []
+    for autocast in (contextlib.nullcontext, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        pair = copy.deepcopy((nets, blocks, discriminators))
+        optimizers = {f"peer{j + 1}": make_optimizer([*pair[0][j].parameters(), *pair[1][j].parameters()], args)
+                      for j in range(2)}
+        optimizers["disc"] = make_optimizer(pair[2].parameters(), args, lr=args.disc_lr)
+        runs.append(step(*pair, optimizers, torch.zeros(8, 3, 4, 4), targets, args, autocast=autocast))
+    fp32, bf16 = runs
+    assert fp32["kl_peer1"].item() < 1e-5  # near-equal peers
+    for name in (name for name in fp32 if not name.startswith("d_acc")):  # accuracies: counts of argmaxes
+        tolerance = 2e-2 if name.startswith(("adv_", "d_")) else 1e-5
+        assert bf16[name].dtype == torch.float32, name
+        assert bf16[name].item() == pytest.approx(fp32[name].item(), rel=tolerance, abs=1e-9), name
+
+
 @pytest.mark.parametrize("flag,prefixes", [("no_kl", ("kl_",)), ("no_adversarial", ("adv_", "d_")), ("no_alignment", ("align_",))])
 def test_each_ablation_flag_removes_its_term(flag, prefixes):
     """Table 6: each flag drops its loss terms (absent from the log) and the total is the sum of the rest."""
