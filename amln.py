@@ -28,10 +28,13 @@ forward, the peer's terms detached; `--sequential` follows Algorithm 1. Eq. 7 is
 KL(rho_j || rho_peer); we use DML's direction, as Table 6 case B (CE + KL) reports DML's number;
 `--kl-direction self_peer` gives the printed one.
 
-Reproduce Table 2(b)'s ResNet-32 pair on CIFAR-100 (paper, mean of the two peers: 69.71% alone,
-70.98% DML, 74.69% AMLN) with the paper's schedule (section 4.2; 600 epochs is our reading):
-    python amln.py --model resnet32 --dataset cifar100 --epochs 600 --batch-size 128 \\
-        --schedule multistep --milestones 200 400 --nesterov --weight-decay 1e-4
+Defaults: the CIFAR protocol of section 4.2 (SGD, Nesterov momentum 0.9, weight decay 1e-4, batch 128, lr 0.1
+x0.1 at epochs 200 and 400, 600 epochs) on ResNet-32 pairs. Reproduce Table 2(b)'s ResNet-32 pair on CIFAR-100
+(paper, mean of the two peers: 69.71% alone, 70.98% DML, 74.69% AMLN):
+    python amln.py --dataset cifar100
+ImageNet, Table 4 (ResNet-34 pair, 75.48% top-1; section 4.2: batch 128, lr 0.1 x0.1 every 30 epochs, 90 epochs,
+weight decay 1e-4):
+    python amln.py --model resnet34 --dataset imagenet --data-dir PATH --epochs 90 --milestones 30 60
 Table 6 (ResNet-32 pair, CIFAR-10 / CIFAR-100): the same command plus
     --no-kl --no-adversarial --no-alignment    # A: CE only        93.10 / 69.71
     --no-adversarial --no-alignment            # B: + L_KL (DML)   93.15 / 70.98
@@ -95,14 +98,21 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    method = parser.add_argument_group("AMLN (paper 003)")
+    # AMLN's CIFAR protocol replaces the defaults above (section 4.2: SGD, Nesterov momentum 0.9, weight decay 1e-4, batch
+    # 128, lr 0.1 x0.1 every 200 epochs) with Table 2's first pair, ResNet-32. choice: 600 epochs, which the paper does
+    # not state: Fig. 3(b) discusses the test error "after 400 epoch", so training runs past the second decay
+    parser.set_defaults(model="resnet32", epochs=600, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                        schedule="multistep", milestones=[200, 400], gamma=0.1, warmup_epochs=0)
+    method = parser.add_argument_group("AMLN (Zhang et al., ECCV 2020)")
     method.add_argument("--models", default=None, help="two comma-separated architectures, peer 1 and peer 2, with the same number of stages (default: --model twice)")
     method.add_argument("--temperature", type=float, default=3.0, help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
     method.add_argument("--beta", type=float, default=1.0, help="weight of the alignment loss L_F (eq. 3)")
     method.add_argument("--disc-lr", type=float, default=0.003, help="peak lr of the discriminators' own optimizer, on the main schedule (unstated in the paper: 0.003 keeps the game balanced, see the docstring)")
     method.add_argument("--adversarial-loss", default="ce", choices=["ce", "probability"], help="network side of eq. 1: non-saturating CE towards the peer's id, or 1 - P(peer id) as eq. 1 is printed")
     method.add_argument("--kl-direction", default="peer_self", choices=["peer_self", "self_peer"], help="KL(rho_peer || rho_self) as DML, or KL(rho_self || rho_peer) as eq. 7 is printed")
-    method.add_argument("--sequential", action="store_true", help="Algorithm 1: update peer 1, recompute its outputs, then update peer 2")
+    method.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                        help="Algorithm 1: update S_1, then S_2 against S_1's updated prediction; --no-sequential: both "
+                        "updates from one forward")
     method.add_argument("--no-kl", action="store_true", help="drop L_KL (Table 6)")
     method.add_argument("--no-adversarial", action="store_true", help="drop L_D and the discriminators (Table 6)")
     method.add_argument("--no-alignment", action="store_true", help="drop L_F and the alignment containers (Table 6)")

@@ -1,32 +1,21 @@
-"""AMLN (paper 003): the losses against hand-computed values, the block-wise modules' shapes, which
+"""AMLN (Zhang et al., ECCV 2020): the losses against hand-computed values, the block-wise modules' shapes, which
 parameters each step changes, the ablation flags, and the script end to end (outputs, resume, bad input)."""
 import argparse
 import contextlib
 import copy
 import json
 import math
+import shlex
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    TINY_RUN,
-    check_resume_equals_uninterrupted,
-    read_summary,
-    run_script,
-)
 
-from amln import (
-    AlignmentContainer,
-    adversarial_loss,
-    alignment_loss,
-    amln_step,
-    build_block_modules,
-    discriminator_loss,
-    make_optimizer,
-    outcome_loss,
-    stage_shapes,
-)
+
+import amln
+from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules, discriminator_loss,
+                  lr_factor, make_optimizer, outcome_loss, parse_args, stage_shapes)
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script
 from models import build_model
 
 
@@ -264,6 +253,36 @@ def test_each_ablation_flag_removes_its_term(flag, prefixes):
     assert ablated["loss"].item() == pytest.approx(sum(network_terms).item(), rel=1e-5)
     if flag == "no_adversarial":
         assert pair[2] is None and "disc" not in pair[3]  # no discriminators at all
+
+
+# ---- the paper's protocols ----
+def docstring_commands():
+    """Every `python amln.py ...` command of the docstring, continuation lines joined, as argument lists."""
+    text = amln.__doc__.replace("\\\n", " ")
+    return [shlex.split(line.strip())[2:] for line in text.splitlines() if line.strip().startswith("python amln.py")]
+
+
+def lr_at_epochs(args, epochs, steps_per_epoch=10):
+    return [args.lr * lr_factor(epoch * steps_per_epoch, steps_per_epoch, args) for epoch in epochs]
+
+
+def test_defaults_are_the_papers_cifar_protocol():
+    """Section 4.2 on CIFAR: SGD, Nesterov 0.9, wd 1e-4, batch 128, lr 0.1 x0.1 every 200 epochs (600 in all), Algorithm 1."""
+    args = parse_args([])
+    assert (args.model, args.epochs, args.batch_size, args.optimizer, args.momentum, args.nesterov, args.weight_decay,
+            args.warmup_epochs, args.temperature, args.sequential) == ("resnet32", 600, 128, "sgd", 0.9, True, 1e-4, 0, 3.0, True)
+    assert lr_at_epochs(args, [0, 199, 200, 399, 400, 599]) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert not parse_args(["--no-sequential"]).sequential
+
+
+def test_docstring_commands_parse_and_the_imagenet_one_is_section_4_2s():
+    commands = docstring_commands()
+    assert len(commands) >= 2
+    for command in commands:
+        parse_args([arg.replace("PATH", "/data") for arg in command])
+    imagenet = parse_args(next(c for c in commands if "imagenet" in c))
+    assert (imagenet.model, imagenet.batch_size, imagenet.epochs, imagenet.weight_decay) == ("resnet34", 128, 90, 1e-4)
+    assert lr_at_epochs(imagenet, [0, 29, 30, 59, 60, 89]) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 # ---- the script end to end ----
