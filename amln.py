@@ -1,47 +1,80 @@
-"""Adversarial-based Mutual Learning Network (AMLN), paper 003.
+"""Adversarial-based Mutual Learning Network (AMLN) for online knowledge distillation.
 
-Two peer networks learn from each other's outcome (cross-entropy plus a softened KL to the peer's
-prediction) and from each other's process: after every stage, a discriminator per network learns
-to tell which network a feature map came from while that network learns to fool it, and an
-alignment container maps the stage's features onto the peer's final feature map. Each peer is
-deployed alone (peer 1 is reported; peer 2 and the logit-average ensemble too).
+Xiaobing Zhang, Shijian Lu, Haigang Gong, Zhipeng Luo and Ming Liu, "AMLN: Adversarial-based Mutual Learning Network
+for Online Knowledge Distillation", ECCV 2020 (LNCS 12357, pp. 158-173, doi:10.1007/978-3-030-58610-2_10). The
+authors' code is not public.
 
-    L_{S_j} = L_C^j + T^2 L_KL^j + L_D^j + beta L_F^j                        (eq. 9 = eq. 8 + eq. 3)
-    L_C^j  = CE(z_j, y)                                                                   (eq. 5)
-    L_KL^j = KL(rho_peer || rho_j), rho = softmax(z / T), T = 3, the peer detached      (eq. 6-7)
-    L_D^j  = sum_b CE(D_j^b(sigma(f_j^b)), id of the peer)    network side of eq. 1 (non-saturating)
-    max_D    -sum_b CE(D_j^b(sigma(f_k^b)), k) over the features f_k^b of both networks k   (eq. 1)
-    L_F^j  = sum_b MSE(C_j^b(f_j^b), f_peer^final), the peer detached                      (eq. 2)
+Two peer networks S_1 and S_2 learn from each other's outcome (the labels and the peer's softened prediction) and from
+each other's process: after every stage b, a discriminator D_j^b learns to tell which network a feature map came from
+while S_j learns to fool it, and an alignment container C_j^b maps the stage's features onto the peer's final feature
+map. Each peer is deployed alone: peer1 is reported as deployed; peer2 and the two peers' logit average too.
 
-No public code exists; our choices (SPEC.md section 3): D_j^b = sigma (1x1 conv halving the
-channels) + three 3x3 convs with ReLU, the last with 2 outputs, global average pooling. One sigma
-per discriminator sees both networks' features, as eq. 1 writes, and trains with the discriminator
-(trained by the networks, it could fool D by shrinking instead of changing their features). In a
-mixed pair, a 1x1 conv trained with the wider network brings its stage outputs to the narrower's
-channels. The discriminators' own optimizer (`--disc-lr`, unstated in the paper) follows the main
-schedule; on CIFAR-10 ResNet-20 pairs, 0.1 diverged in the first epoch, 0.01 let the
-discriminators win and the networks fall to chance, 0.001 left them at a constant output, 0.003
-kept their accuracy around 50-70% with no divergence. `--adversarial-loss probability` gives
-eq. 1 as printed (1 - P_D(peer), saturating). C_j^b = depthwise 3x3 conv whose stride takes f_j^b
-to the peer's final spatial size, then a pointwise conv to its channels. Both peers step on one
-forward, the peer's terms detached; `--sequential` follows Algorithm 1. Eq. 7 is printed as
-KL(rho_j || rho_peer); we use DML's direction, as Table 6 case B (CE + KL) reports DML's number;
-`--kl-direction self_peer` gives the printed one.
+The paper's equations (j = 1, 2 and its peer 3 - j; stages b = 1..B, B = 3 for the CIFAR networks; f_j^b: the output
+of S_j's stage b; z_j: its logits):
+    L_D^j = min_f max_D sum_b E[1 - D_j^b(sigma(f_j^b))] + E[D_j^b(sigma(f_{3-j}^b))]                             (1)
+    L_F^j = sum_b d(C_j^b(f_j^b), f_{3-j}^B),  d = "L2"                                                            (2)
+    L_{S_j^P} = L_D^j + beta L_F^j                                                                                 (3)
+    p_j = softmax(z_j),  L_C^j = -sum_i log p_j^{y_i}(x_i)                                                      (4, 5)
+    rho_j = softmax(z_j / T),  T = 3                                                                               (6)
+    L_KL^j = KL(rho_j || rho_{3-j}) = sum_i sum_m rho_j^m log(rho_j^m / rho_{3-j}^m)                               (7)
+    L_{S_j^R} = L_C^j + T^2 L_KL^j                                                                                 (8)
+    L_{S_j} = L_{S_j^P} + L_{S_j^R}                                                                                (9)
+Algorithm 1, each iteration: compute f_1^b, p_1, rho_1; L_{S_1}; update S_1; compute f_2^b, p_2, rho_2; L_{S_2};
+update S_2. `amln_step` is one iteration in that order, each equation's number where it is computed.
 
-Defaults: the CIFAR protocol of section 4.2 (SGD, Nesterov momentum 0.9, weight decay 1e-4, batch 128, lr 0.1
-x0.1 at epochs 200 and 400, 600 epochs) on ResNet-32 pairs. Reproduce Table 2(b)'s ResNet-32 pair on CIFAR-100
-(paper, mean of the two peers: 69.71% alone, 70.98% DML, 74.69% AMLN):
+Paper vs code (printed -> here; why; the flag for the printed reading):
+- eq. 7 KL(rho_j || rho_{3-j}) -> KL(rho_{3-j} || rho_j), the direction of DML (Zhang et al., CVPR 2018): Table 6's
+  case B (L_C + L_KL only) reports 70.98%, Table 2(b)'s DML number. Printed: `--kl-direction self_peer`.
+- eq. 1, linear in D's probability of the peer's id -> the log (cross-entropy) form of GANs on the network ids, for
+  S_j the non-saturating one (cross-entropy towards the peer's id): the printed S_j side's gradient fades as D grows
+  confident. Both players take the mean over their two expectations (a factor 2 in `--disc-lr`). Printed:
+  `--adversarial-loss probability` (1 - P_D(id) for both players).
+- eq. 1's max over D, for which Algorithm 1 has no step -> each iteration first one step of every D_j^b on both
+  networks' detached features of the batch, then S_1 and S_2 learn against the updated D_j^b (the usual alternation
+  of GANs; choice). No flag.
+- D_j^b (section 3.2): "three convolution layers with ReLU operation", "the last layer with two neurons"; sigma is
+  "utilized to reduce the number of channels"; widths, kernels, pooling and which player trains sigma are unstated
+  -> sigma: a 1x1 conv halving the channels, trained with D (trained by S_j, sigma could fool D by shrinking instead
+  of S_j changing its features); three 3x3 convs at sigma's width, global average pooling to two logits (choices).
+  No flag.
+- D's optimizer and lr: unstated -> SGD with the networks' momentum, Nesterov and weight decay, lr `--disc-lr` 0.003,
+  on the networks' schedule (the players keep their ratio as the lr anneals). Short CPU runs on CIFAR-10 ResNet-20
+  pairs: 0.1 diverged in the first epoch, 0.01 let the discriminators win and the networks fall to chance, 0.001
+  left them at a constant output, 0.003 kept their accuracy around 50-70%.
+- eq. 2's d, "L2" -> the mean squared error over the batch and C*H*W of f_{3-j}^B. Every stage aligns to the same
+  f_{3-j}^B, so a per-sample sum of squares weighted beta is `--beta` beta*C*H*W (4096 beta for ResNet-32 on CIFAR:
+  64x8x8). The paper gives no beta: 1 here (choice).
+- eq. 5 and 7 sum over the samples, eq. 1 takes expectations -> every term is a batch mean (sums would weight L_C and
+  L_KL by the batch size against L_D and L_F). No flag.
+- the peer's index: the paper's 3 - j is 1 - j in the code, whose networks are 0 and 1 (logged as peer1, peer2).
+- C_j^b, "depthwise convolution and pointwise convolution" -> a depthwise 3x3 conv whose stride brings f_j^b to
+  f_{3-j}^B's size (pooling the rest where no integer stride fits), then a pointwise conv to its channels (choices).
+- mixed pairs: how one sigma reads two widths is unstated -> a 1x1 conv trained with the wider network maps its stage
+  outputs to the narrower's channels (choice).
+- CIFAR epochs: unstated ("multiplied by 0.1 every 200 epochs") -> 600, x0.1 at 200 and 400: Fig. 3(b) discusses the
+  test error "after 400 epoch". `--epochs`, `--milestones`.
+- precision: unstated (fp32 in 2020's PyTorch) -> bf16 autocast with every loss between the networks and the
+  alignment containers in fp32. `--amp off`.
+- not in the paper: the peers' logit average is reported as "ensemble".
+
+Defaults: section 4.2's CIFAR protocol (SGD, Nesterov momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 x0.1 at
+epochs 200 and 400, 600 epochs), Algorithm 1, ResNet-32 pairs. Headline, Table 2(b)'s ResNet-32 pair on CIFAR-100:
+the paper prints "Avg", the mean of Net1's and Net2's top-1, 74.69% (69.71% trained alone, 70.98% with DML), without
+saying final or best epoch or how many runs; compare the mean of the two peers' final top-1 in summary.json, over
+seeds. The command departs from the print on the lines above; add `--kl-direction self_peer --adversarial-loss
+probability` for the printed eq. 7 and eq. 1:
     python amln.py --dataset cifar100
-ImageNet, Table 4 (ResNet-34 pair, 75.48% top-1; section 4.2: batch 128, lr 0.1 x0.1 every 30 epochs, 90 epochs,
-weight decay 1e-4):
+Table 6 (ResNet-32 pair, averaged accuracy, CIFAR-10 / CIFAR-100): the same command (or `--dataset cifar10`) plus
+    --no-kl --no-adversarial --no-alignment    # A: L_C only        93.10 / 69.71
+    --no-adversarial --no-alignment            # B: + L_KL (DML)    93.15 / 70.98
+    --no-adversarial                           # C: + L_F           93.89 / 73.24
+    --no-alignment                             # D: + L_D           94.01 / 74.16
+                                               # E: AMLN            94.25 / 74.69
+Table 2's other pairs: `--model resnet56`, `wrn_16_2`, `wrn_40_2`. Table 3(b), a mixed pair (Net1 WRN-16-2 75.88%,
+Net2 ResNet-32 74.65%): `--models wrn_16_2,resnet32`. Table 4, ImageNet (ResNet-34 pair, one number for the pair:
+75.48% top-1, 92.54% top-5; section 4.2: batch 128, lr 0.1 x0.1 every 30 epochs, 90 epochs, weight decay 1e-4; the
+momentum is unstated there, the CIFAR setting's Nesterov 0.9 is kept):
     python amln.py --model resnet34 --dataset imagenet --data-dir PATH --epochs 90 --milestones 30 60
-Table 6 (ResNet-32 pair, CIFAR-10 / CIFAR-100): the same command plus
-    --no-kl --no-adversarial --no-alignment    # A: CE only        93.10 / 69.71
-    --no-adversarial --no-alignment            # B: + L_KL (DML)   93.15 / 70.98
-    --no-adversarial                           # C: + L_F          93.89 / 73.24
-    --no-alignment                             # D: + L_D          94.01 / 74.16
-                                               # E: AMLN           94.25 / 74.69
-A mixed pair (Table 3(b): WRN-16-2 75.88%, ResNet-32 74.65%): --models wrn_16_2,resnet32
 """
 import argparse
 import json
@@ -98,21 +131,29 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    # AMLN's CIFAR protocol replaces the defaults above (section 4.2: SGD, Nesterov momentum 0.9, weight decay 1e-4, batch
-    # 128, lr 0.1 x0.1 every 200 epochs) with Table 2's first pair, ResNet-32. choice: 600 epochs, which the paper does
-    # not state: Fig. 3(b) discusses the test error "after 400 epoch", so training runs past the second decay
-    parser.set_defaults(model="resnet32", epochs=600, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                        schedule="multistep", milestones=[200, 400], gamma=0.1, warmup_epochs=0)
+    # AMLN's CIFAR protocol replaces the defaults above (section 4.2: SGD, Nesterov momentum 0.9, weight decay 1e-4,
+    # batch 128, lr 0.1 x0.1 every 200 epochs) on Table 2's first pair, ResNet-32. choice: 600 epochs, which the paper
+    # does not state: Fig. 3(b) discusses the test error "after 400 epoch", so training runs past the second decay
+    parser.set_defaults(model="resnet32", epochs=600, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
+                        weight_decay=1e-4, schedule="multistep", milestones=[200, 400], gamma=0.1, warmup_epochs=0)
     method = parser.add_argument_group("AMLN (Zhang et al., ECCV 2020)")
-    method.add_argument("--models", default=None, help="two comma-separated architectures, peer 1 and peer 2, with the same number of stages (default: --model twice)")
-    method.add_argument("--temperature", type=float, default=3.0, help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
-    method.add_argument("--beta", type=float, default=1.0, help="weight of the alignment loss L_F (eq. 3)")
-    method.add_argument("--disc-lr", type=float, default=0.003, help="peak lr of the discriminators' own optimizer, on the main schedule (unstated in the paper: 0.003 keeps the game balanced, see the docstring)")
-    method.add_argument("--adversarial-loss", default="ce", choices=["ce", "probability"], help="network side of eq. 1: non-saturating CE towards the peer's id, or 1 - P(peer id) as eq. 1 is printed")
-    method.add_argument("--kl-direction", default="peer_self", choices=["peer_self", "self_peer"], help="KL(rho_peer || rho_self) as DML, or KL(rho_self || rho_peer) as eq. 7 is printed")
+    method.add_argument("--models", default=None, help="two comma-separated architectures, S_1 and S_2, with the same "
+                        "number of stages (default: --model twice)")
+    method.add_argument("--temperature", type=float, default=3.0,
+                        help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
+    method.add_argument("--beta", type=float, default=1.0,
+                        help="weight beta of the alignment loss L_F (eq. 3; unstated in the paper; L_F is a mean over "
+                        "C*H*W)")
+    method.add_argument("--disc-lr", type=float, default=0.003,
+                        help="peak lr of the discriminators' SGD, on the networks' schedule (unstated in the paper)")
+    method.add_argument("--adversarial-loss", default="ce", choices=["ce", "probability"],
+                        help="eq. 1 for both players: cross-entropy on the network ids (non-saturating for the "
+                        "networks), or 1 - P_D(id) as printed")
+    method.add_argument("--kl-direction", default="peer_self", choices=["peer_self", "self_peer"],
+                        help="KL(rho_peer || rho_self) as DML, or KL(rho_self || rho_peer) as eq. 7 is printed")
     method.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
-                        help="Algorithm 1: update S_1, then S_2 against S_1's updated prediction; --no-sequential: both "
-                        "updates from one forward")
+                        help="Algorithm 1: update S_1, then S_2 against S_1's updated prediction; --no-sequential: "
+                        "both updates from one forward")
     method.add_argument("--no-kl", action="store_true", help="drop L_KL (Table 6)")
     method.add_argument("--no-adversarial", action="store_true", help="drop L_D and the discriminators (Table 6)")
     method.add_argument("--no-alignment", action="store_true", help="drop L_F and the alignment containers (Table 6)")
@@ -121,7 +162,8 @@ def parse_args(argv=None):
     if args.models is not None and len(args.models) != 2:
         parser.error(f"AMLN trains two peers: --models takes two architectures a,b, got {','.join(args.models)}")
     if args.temperature <= 0 or args.beta < 0 or args.disc_lr <= 0:
-        parser.error(f"--temperature and --disc-lr must be > 0 and --beta >= 0, got {args.temperature}, {args.disc_lr} and {args.beta}")
+        parser.error(f"--temperature and --disc-lr must be > 0 and --beta >= 0, got {args.temperature}, "
+                     f"{args.disc_lr} and {args.beta}")
     return args
 
 
@@ -264,7 +306,8 @@ def build_block_modules(shapes, adversarial=True, alignment=True):
     discriminators = Discriminators([shape[0] for shape in common]) if adversarial else None
     adapters = [[discriminator_adapter(own, target) for own, target in zip(shapes[j], common)] if adversarial else []
                 for j in range(2)]
-    containers = [[AlignmentContainer(own, shapes[1 - j][-1]) for own in shapes[j]] if alignment else [] for j in range(2)]
+    containers = [[AlignmentContainer(own, shapes[1 - j][-1]) for own in shapes[j]] if alignment else []
+                  for j in range(2)]
     return discriminators, [PeerBlocks(adapters[j], containers[j]) for j in range(2)]
 
 
@@ -311,11 +354,12 @@ def amln_step(nets, blocks, discriminators, optimizers, images, labels, args, sc
         backward_step(terms["d_loss"], scaler, optimizers["disc"])
         for b, pair in enumerate(accuracies):
             terms.update({f"d_acc_peer{j + 1}_stage{b + 1}": accuracy for j, accuracy in enumerate(pair)})
-        # eq. 1, min over f: the networks play against the updated D_j^b, called with detached parameters, so their
-        # loss trains no discriminator (the raw module: a DDP wrapper is for the discriminators' own step)
+        # eq. 1, min over f: S_j plays against its updated D_j^b, called with detached parameters so that the
+        # networks' loss trains no discriminator. frozen[j][b] = (D_j^b, its detached parameters); the raw modules,
+        # as a DDP wrapper is for the discriminators' own step
         stages = getattr(discriminators, "module", discriminators).stages
-        frozen_discriminators = [[(disc, {name: p.detach() for name, p in disc.named_parameters()}) for disc in pair]
-                                 for pair in stages]
+        frozen = [[(pair[j], {key: p.detach() for key, p in pair[j].named_parameters()}) for pair in stages]
+                  for j in range(2)]
 
     total = 0
     for j, peer in ((0, 1), (1, 0)):  # Algorithm 1 steps 2-3 (S_1), then 5-6 (S_2); peer = the paper's 3 - j
@@ -340,8 +384,8 @@ def amln_step(nets, blocks, discriminators, optimizers, images, labels, args, sc
             loss = loss + kl  # eq. 8: L_C + T^2 L_KL (outcome_loss applies the T^2)
         if discriminators is not None:  # eq. 1, the networks' side: D_j^b should take S_j's features for the peer's
             with autocast():
-                disc_logits = [torch.func.functional_call(pair[j][0], pair[j][1], (features,))
-                               for pair, features in zip(frozen_discriminators, adapted[j])]
+                disc_logits = [torch.func.functional_call(disc, params, (features,))
+                               for (disc, params), features in zip(frozen[j], adapted[j])]
             terms[f"adv_{name}"] = adversarial_loss(disc_logits, peer, args.adversarial_loss)
             loss = loss + terms[f"adv_{name}"]
         if aligned[j]:  # eq. 2: C_j^b(f_j^b) against the peer's final features, detached
@@ -515,9 +559,10 @@ def main(args):
         shapes = [stage_shapes(net, data.image_size) for net in networks.values()]
     except ValueError as error:
         fail(f"{error}")
-    discriminators, blocks = build_block_modules(shapes, adversarial=not args.no_adversarial, alignment=not args.no_alignment)
+    discriminators, blocks = build_block_modules(shapes, not args.no_adversarial, not args.no_alignment)
     # each peer's optimizer owns its network and its block-wise extras (adapters, alignment containers)
-    optimizers = {name: make_optimizer([*net.parameters(), *blocks[j].parameters()], args) for j, (name, net) in enumerate(networks.items())}
+    optimizers = {name: make_optimizer([*net.parameters(), *blocks[j].parameters()], args)
+                  for j, (name, net) in enumerate(networks.items())}
     extra_modules = {f"{name}_blocks": blocks[j] for j, name in enumerate(networks)}
     if discriminators is not None:  # eq. 1's max over D: the discriminators (sigma included) have their own optimizer
         optimizers["disc"] = make_optimizer(discriminators.parameters(), args, lr=args.disc_lr)
@@ -571,8 +616,10 @@ def main(args):
 
     def train_step(images, labels, epoch):
         """One AMLN iteration (amln_step: eq. 1-9 in the order of Algorithm 1); returns the logged loss terms."""
-        return amln_step([train_nets["peer1"], train_nets["peer2"]], [train_extra["peer1_blocks"], train_extra["peer2_blocks"]],
-                         train_extra.get("discriminators"), optimizers, images, labels, args, scaler, autocast)
+        peers = [train_nets["peer1"], train_nets["peer2"]]
+        peer_blocks = [train_extra["peer1_blocks"], train_extra["peer2_blocks"]]
+        return amln_step(peers, peer_blocks, train_extra.get("discriminators"), optimizers, images, labels, args, scaler,
+                         autocast)
 
     def predict(images):
         logits = {name: net(images) for name, net in networks.items()}

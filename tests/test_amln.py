@@ -54,6 +54,9 @@ def test_adversarial_and_discriminator_losses_match_hand_computation():
     loss, accuracies = discriminator_loss([[confident, undecided]], labels)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-5)) + math.log(2))
     assert accuracies[0][0].item() == 1.0 and accuracies[0][1].item() == 0.5  # argmax of a tie is class 0
+    # eq. 1 as printed for the discriminators: the mean of 1 - P(true id)
+    loss, _ = discriminator_loss([[confident, undecided]], labels, form="probability")
+    assert loss.item() == pytest.approx(1 / (1 + math.exp(5)) + 0.5)
 
 
 def test_alignment_loss_sums_mse_over_stages_and_detaches_the_peer():
@@ -120,17 +123,17 @@ def changed(before, *modules):
     return [not torch.equal(old, new) for old, new in zip(before, (p for m in modules for p in m.parameters()))]
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_discriminators_learn_from_their_own_loss_only(sequential):
-    """The discriminators' gradients are exactly those of eq. 1's max over D on the batch's detached features:
-    the networks' side (min over f) uses them with detached parameters and adds nothing."""
-    pair = tiny_pair(sequential=sequential)
+@pytest.mark.parametrize("sequential,form", [(False, "ce"), (True, "probability")])
+def test_discriminators_learn_from_their_own_loss_only(sequential, form):
+    """The discriminators' gradients are exactly those of eq. 1's max over D (in the chosen form) on the batch's
+    detached features: the networks' side (min over f) uses them with detached parameters and adds nothing."""
+    pair = tiny_pair(sequential=sequential, adversarial_loss=form)
     nets, blocks, discriminators, _, images, _, _ = pair
     reference = copy.deepcopy(discriminators)
     with torch.no_grad():
         adapted = [blocks[j](net(images, return_features=True)[1])[0] for j, net in enumerate(nets)]
     ids = torch.tensor([0] * 8 + [1] * 8)
-    expected, _ = discriminator_loss(reference([torch.cat(stage) for stage in zip(*adapted)]), ids)
+    expected, _ = discriminator_loss(reference([torch.cat(stage) for stage in zip(*adapted)]), ids, form)
     expected.backward()
     terms = step(*pair)
     assert terms["d_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
