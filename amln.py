@@ -53,16 +53,16 @@ Paper vs code (printed -> here; why; the flag for the printed reading):
   outputs to the narrower's channels (choice).
 - CIFAR epochs: unstated ("multiplied by 0.1 every 200 epochs") -> 600, x0.1 at 200 and 400: Fig. 3(b) discusses the
   test error "after 400 epoch". `--epochs`, `--milestones`.
-- precision: unstated (fp32 in 2020's PyTorch) -> bf16 autocast with every loss between the networks and the
-  alignment containers in fp32. `--amp off`.
+- precision: unstated -> bf16 autocast, with the alignment containers and every loss between the networks in fp32.
+  `--amp off` for fp32 throughout.
 - not in the paper: the peers' logit average is reported as "ensemble".
 
 Defaults: section 4.2's CIFAR protocol (SGD, Nesterov momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 x0.1 at
-epochs 200 and 400, 600 epochs), Algorithm 1, ResNet-32 pairs. Headline, Table 2(b)'s ResNet-32 pair on CIFAR-100:
-the paper prints "Avg", the mean of Net1's and Net2's top-1, 74.69% (69.71% trained alone, 70.98% with DML), without
-saying final or best epoch or how many runs; compare the mean of the two peers' final top-1 in summary.json, over
-seeds. The command departs from the print on the lines above; add `--kl-direction self_peer --adversarial-loss
-probability` for the printed eq. 7 and eq. 1:
+epochs 200 and 400, 600 epochs), Algorithm 1 (`--no-sequential`: both updates from one forward), ResNet-32 pairs.
+Headline, Table 2(b)'s ResNet-32 pair on CIFAR-100: the paper prints "Avg", the mean of Net1's and Net2's top-1,
+74.69% (69.71% trained alone, 70.98% with DML), without saying final or best epoch or how many runs; compare the mean
+of the two peers' final top-1 in summary.json, over seeds. The command departs from the print on the lines above; add
+`--kl-direction self_peer --adversarial-loss probability` for the printed eq. 7 and eq. 1:
     python amln.py --dataset cifar100
 Table 6 (ResNet-32 pair, averaged accuracy, CIFAR-10 / CIFAR-100): the same command (or `--dataset cifar10`) plus
     --no-kl --no-adversarial --no-alignment    # A: L_C only        93.10 / 69.71
@@ -70,10 +70,10 @@ Table 6 (ResNet-32 pair, averaged accuracy, CIFAR-10 / CIFAR-100): the same comm
     --no-adversarial                           # C: + L_F           93.89 / 73.24
     --no-alignment                             # D: + L_D           94.01 / 74.16
                                                # E: AMLN            94.25 / 74.69
-Table 2's other pairs: `--model resnet56`, `wrn_16_2`, `wrn_40_2`. Table 3(b), a mixed pair (Net1 WRN-16-2 75.88%,
-Net2 ResNet-32 74.65%): `--models wrn_16_2,resnet32`. Table 4, ImageNet (ResNet-34 pair, one number for the pair:
-75.48% top-1, 92.54% top-5; section 4.2: batch 128, lr 0.1 x0.1 every 30 epochs, 90 epochs, weight decay 1e-4; the
-momentum is unstated there, the CIFAR setting's Nesterov 0.9 is kept):
+Table 2(b)'s other pairs (Avg): `--model resnet56` 75.77%, `wrn_16_2` 75.56%, `wrn_40_2` 77.97%. Table 3(b), a mixed
+pair (Net1 WRN-16-2 75.88%, Net2 ResNet-32 74.65%): `--models wrn_16_2,resnet32`. Table 4, ImageNet (ResNet-34 pair,
+one number for the pair: 75.48% top-1, 92.54% top-5; section 4.2: batch 128, lr 0.1 x0.1 every 30 epochs, 90 epochs,
+weight decay 1e-4; the momentum is unstated there, the CIFAR setting's Nesterov 0.9 is kept):
     python amln.py --model resnet34 --dataset imagenet --data-dir PATH --epochs 90 --milestones 30 60
 """
 import argparse

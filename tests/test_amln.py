@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 
 import amln
-from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules, discriminator_loss,
-                  lr_factor, make_optimizer, outcome_loss, parse_args, stage_shapes)
+from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules,
+                  discriminator_loss, lr_factor, make_optimizer, outcome_loss, parse_args, stage_shapes)
 from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script
 from models import build_model
 
@@ -24,7 +24,7 @@ def test_outcome_loss_matches_hand_computation():
     logits, peer_logits, targets = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]]), torch.tensor([0])
     ce, kl = outcome_loss(logits, peer_logits, targets, temperature=3.0)
     rho, rho_peer = F.softmax(logits / 3, 1)[0], F.softmax(peer_logits / 3, 1)[0]
-    kl_peer_self = sum(rho_peer[c] * math.log(rho_peer[c] / rho[c]) for c in range(2))  # KL(rho_peer || rho), eq. 7 as DML
+    kl_peer_self = sum(rho_peer[c] * math.log(rho_peer[c] / rho[c]) for c in range(2))  # KL(rho_peer || rho): DML
     assert ce.item() == pytest.approx(math.log(1 + math.exp(-3)), rel=1e-5)
     assert kl.item() == pytest.approx(9 * float(kl_peer_self), rel=1e-5)  # scaled by T^2 (eq. 8)
     logits = torch.tensor([[2.0, 0.0, -1.0]])
@@ -96,14 +96,15 @@ def test_mixed_pair_gets_an_adapter_on_the_wider_network_only():
 def tiny_pair(model="convnet", image_size=32, **flags):
     """Two networks, their block-wise modules and optimizers, a batch, and the step's arguments."""
     torch.manual_seed(0)
-    options = {"temperature": 3.0, "beta": 1.0, "kl_direction": "peer_self", "adversarial_loss": "ce", "sequential": False,
-               "no_kl": False, "no_adversarial": False, "no_alignment": False, "lr": 0.1, "disc_lr": 0.1, "optimizer": "sgd",
-               "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
+    options = {"temperature": 3.0, "beta": 1.0, "kl_direction": "peer_self", "adversarial_loss": "ce",
+               "sequential": False, "no_kl": False, "no_adversarial": False, "no_alignment": False, "lr": 0.1,
+               "disc_lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
     args = argparse.Namespace(**{**options, **flags})
     nets = [build_model(model, 10, image_size) for _ in range(2)]
     shapes = [stage_shapes(net, image_size) for net in nets]
     discriminators, blocks = build_block_modules(shapes, not args.no_adversarial, not args.no_alignment)
-    optimizers = {f"peer{j + 1}": make_optimizer([*net.parameters(), *blocks[j].parameters()], args) for j, net in enumerate(nets)}
+    optimizers = {f"peer{j + 1}": make_optimizer([*net.parameters(), *blocks[j].parameters()], args)
+                  for j, net in enumerate(nets)}
     if discriminators is not None:
         optimizers["disc"] = make_optimizer(discriminators.parameters(), args, lr=args.disc_lr)
     images, targets = torch.randn(8, 3, image_size, image_size), torch.randint(0, 10, (8,))
@@ -139,11 +140,12 @@ def test_discriminators_learn_from_their_own_loss_only(sequential, form):
     assert terms["d_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     for got, want in zip(discriminators.parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad)
-    assert {f"d_acc_peer{j}_stage{b}" for j in (1, 2) for b in (1, 2)} <= set(terms) and terms["d_acc_peer1_stage1"].dim() == 0
+    assert {f"d_acc_peer{j}_stage{b}" for j in (1, 2) for b in (1, 2)} <= set(terms)
+    assert terms["d_acc_peer1_stage1"].dim() == 0
 
 
 def test_adversarial_gradient_reaches_the_first_stage():
-    """L_D^j trains network j's early stages through D_j^b: with and without it, the same step moves stage 1 differently."""
+    """L_D^j trains network j's early stages through D_j^b: with and without it, one step moves stage 1 differently."""
     stage_one = []
     for adversarial in (True, False):
         nets, *rest = tiny_pair(no_kl=True, no_alignment=True, no_adversarial=not adversarial)
@@ -202,6 +204,14 @@ def test_sequential_step_moves_each_running_statistic_once_and_wastes_no_forward
     assert [net.forwards for net in counted] == [2 * steps, steps]
 
 
+def test_sequential_step_skips_the_second_forward_when_nothing_reads_it():
+    """Without L_KL and L_F, S_2's loss does not read S_1's prediction: S_1 is forwarded once per step."""
+    nets, *rest = tiny_pair(sequential=True, no_kl=True, no_alignment=True)
+    counted = [CountingNetwork(net) for net in nets]
+    step(counted, *rest)
+    assert [net.forwards for net in counted] == [1, 1]
+
+
 class FixedOutputs(torch.nn.Module):
     """A stand-in network whose logits and stage features are parameters, so they stay fp32 under autocast:
     a bf16 step then differs from an fp32 step only where the method itself computes in bf16."""
@@ -242,7 +252,8 @@ def test_losses_between_networks_are_fp32_in_a_bf16_step(sequential):
         assert bf16[name].item() == pytest.approx(fp32[name].item(), rel=tolerance, abs=1e-9), name
 
 
-@pytest.mark.parametrize("flag,prefixes", [("no_kl", ("kl_",)), ("no_adversarial", ("adv_", "d_")), ("no_alignment", ("align_",))])
+@pytest.mark.parametrize("flag,prefixes",
+                         [("no_kl", ("kl_",)), ("no_adversarial", ("adv_", "d_")), ("no_alignment", ("align_",))])
 def test_each_ablation_flag_removes_its_term(flag, prefixes):
     """Table 6: each flag drops its loss terms (absent from the log) and the total is the sum of the rest."""
     full = step(*tiny_pair())
@@ -270,10 +281,11 @@ def lr_at_epochs(args, epochs, steps_per_epoch=10):
 
 
 def test_defaults_are_the_papers_cifar_protocol():
-    """Section 4.2 on CIFAR: SGD, Nesterov 0.9, wd 1e-4, batch 128, lr 0.1 x0.1 every 200 epochs (600 in all), Algorithm 1."""
+    """Section 4.2 on CIFAR: SGD, Nesterov 0.9, wd 1e-4, batch 128, lr 0.1 x0.1 every 200 epochs (600), Algorithm 1."""
     args = parse_args([])
     assert (args.model, args.epochs, args.batch_size, args.optimizer, args.momentum, args.nesterov, args.weight_decay,
-            args.warmup_epochs, args.temperature, args.sequential) == ("resnet32", 600, 128, "sgd", 0.9, True, 1e-4, 0, 3.0, True)
+            args.warmup_epochs, args.temperature, args.sequential) == ("resnet32", 600, 128, "sgd", 0.9, True, 1e-4, 0,
+                                                                        3.0, True)
     assert lr_at_epochs(args, [0, 199, 200, 399, 400, 599]) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     assert not parse_args(["--no-sequential"]).sequential
 
@@ -295,7 +307,8 @@ def test_script_writes_checkpoint_summary_and_discriminator_accuracies(cifar10_s
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["deployed"] == "peer1"
-    assert set(checkpoint["extra"]) == {"discriminators", "peer1_blocks", "peer2_blocks"} and "disc" in checkpoint["optimizers"]
+    assert set(checkpoint["extra"]) == {"discriminators", "peer1_blocks", "peer2_blocks"}
+    assert "disc" in checkpoint["optimizers"]
     summary = read_summary(out)
     assert set(summary["networks"]) == {"peer1", "peer2"} and 0 <= summary["ensemble"]["top1"] <= 1
     assert summary["deployed"] == summary["networks"]["peer1"]
