@@ -1,44 +1,80 @@
-"""Adversarial-based Mutual Learning Network (AMLN), paper 003.
+"""Adversarial-based Mutual Learning Network (AMLN) for online knowledge distillation.
 
-Two peer networks learn from each other's outcome (cross-entropy plus a softened KL to the peer's
-prediction) and from each other's process: after every stage, a discriminator per network learns
-to tell which network a feature map came from while that network learns to fool it, and an
-alignment container maps the stage's features onto the peer's final feature map. Each peer is
-deployed alone (peer 1 is reported; peer 2 and the logit-average ensemble too).
+Xiaobing Zhang, Shijian Lu, Haigang Gong, Zhipeng Luo and Ming Liu, "AMLN: Adversarial-based Mutual Learning Network
+for Online Knowledge Distillation", ECCV 2020 (LNCS 12357, pp. 158-173, doi:10.1007/978-3-030-58610-2_10). The
+authors' code is not public.
 
-    L_{S_j} = L_C^j + T^2 L_KL^j + L_D^j + beta L_F^j                        (eq. 9 = eq. 8 + eq. 3)
-    L_C^j  = CE(z_j, y)                                                                   (eq. 5)
-    L_KL^j = KL(rho_peer || rho_j), rho = softmax(z / T), T = 3, the peer detached      (eq. 6-7)
-    L_D^j  = sum_b CE(D_j^b(sigma(f_j^b)), id of the peer)    network side of eq. 1 (non-saturating)
-    max_D    -sum_b CE(D_j^b(sigma(f_k^b)), k) over the features f_k^b of both networks k   (eq. 1)
-    L_F^j  = sum_b MSE(C_j^b(f_j^b), f_peer^final), the peer detached                      (eq. 2)
+Two peer networks S_1 and S_2 learn from each other's outcome (the labels and the peer's softened prediction) and from
+each other's process: after every stage b, a discriminator D_j^b learns to tell which network a feature map came from
+while S_j learns to fool it, and an alignment container C_j^b maps the stage's features onto the peer's final feature
+map. Each peer is deployed alone: peer1 is reported as deployed; peer2 and the two peers' logit average too.
 
-No public code exists; our choices (SPEC.md section 3): D_j^b = sigma (1x1 conv halving the
-channels) + three 3x3 convs with ReLU, the last with 2 outputs, global average pooling. One sigma
-per discriminator sees both networks' features, as eq. 1 writes, and trains with the discriminator
-(trained by the networks, it could fool D by shrinking instead of changing their features). In a
-mixed pair, a 1x1 conv trained with the wider network brings its stage outputs to the narrower's
-channels. The discriminators' own optimizer (`--disc-lr`, unstated in the paper) follows the main
-schedule; on CIFAR-10 ResNet-20 pairs, 0.1 diverged in the first epoch, 0.01 let the
-discriminators win and the networks fall to chance, 0.001 left them at a constant output, 0.003
-kept their accuracy around 50-70% with no divergence. `--adversarial-loss probability` gives
-eq. 1 as printed (1 - P_D(peer), saturating). C_j^b = depthwise 3x3 conv whose stride takes f_j^b
-to the peer's final spatial size, then a pointwise conv to its channels. Both peers step on one
-forward, the peer's terms detached; `--sequential` follows Algorithm 1. Eq. 7 is printed as
-KL(rho_j || rho_peer); we use DML's direction, as Table 6 case B (CE + KL) reports DML's number;
-`--kl-direction self_peer` gives the printed one.
+The paper's equations (j = 1, 2 and its peer 3 - j; stages b = 1..B, B = 3 for the CIFAR networks; f_j^b: the output
+of S_j's stage b; z_j: its logits):
+    L_D^j = min_f max_D sum_b E[1 - D_j^b(sigma(f_j^b))] + E[D_j^b(sigma(f_{3-j}^b))]                             (1)
+    L_F^j = sum_b d(C_j^b(f_j^b), f_{3-j}^B),  d = "L2"                                                            (2)
+    L_{S_j^P} = L_D^j + beta L_F^j                                                                                 (3)
+    p_j = softmax(z_j),  L_C^j = -sum_i log p_j^{y_i}(x_i)                                                      (4, 5)
+    rho_j = softmax(z_j / T),  T = 3                                                                               (6)
+    L_KL^j = KL(rho_j || rho_{3-j}) = sum_i sum_m rho_j^m log(rho_j^m / rho_{3-j}^m)                               (7)
+    L_{S_j^R} = L_C^j + T^2 L_KL^j                                                                                 (8)
+    L_{S_j} = L_{S_j^P} + L_{S_j^R}                                                                                (9)
+Algorithm 1, each iteration: compute f_1^b, p_1, rho_1; L_{S_1}; update S_1; compute f_2^b, p_2, rho_2; L_{S_2};
+update S_2. `amln_step` is one iteration in that order, each equation's number where it is computed.
 
-Reproduce Table 2(b)'s ResNet-32 pair on CIFAR-100 (paper, mean of the two peers: 69.71% alone,
-70.98% DML, 74.69% AMLN) with the paper's schedule (section 4.2; 600 epochs is our reading):
-    python amln.py --model resnet32 --dataset cifar100 --epochs 600 --batch-size 128 \\
-        --schedule multistep --milestones 200 400 --nesterov --weight-decay 1e-4
-Table 6 (ResNet-32 pair, CIFAR-10 / CIFAR-100): the same command plus
-    --no-kl --no-adversarial --no-alignment    # A: CE only        93.10 / 69.71
-    --no-adversarial --no-alignment            # B: + L_KL (DML)   93.15 / 70.98
-    --no-adversarial                           # C: + L_F          93.89 / 73.24
-    --no-alignment                             # D: + L_D          94.01 / 74.16
-                                               # E: AMLN           94.25 / 74.69
-A mixed pair (Table 3(b): WRN-16-2 75.88%, ResNet-32 74.65%): --models wrn_16_2,resnet32
+Paper vs code (printed -> here; why; the flag for the printed reading):
+- eq. 7 KL(rho_j || rho_{3-j}) -> KL(rho_{3-j} || rho_j), the direction of DML (Zhang et al., CVPR 2018): Table 6's
+  case B (L_C + L_KL only) reports 70.98%, Table 2(b)'s DML number. Printed: `--kl-direction self_peer`.
+- eq. 1, linear in D's probability of the peer's id -> the log (cross-entropy) form of GANs on the network ids, for
+  S_j the non-saturating one (cross-entropy towards the peer's id): the printed S_j side's gradient fades as D grows
+  confident. Both players take the mean over their two expectations (a factor 2 in `--disc-lr`). Printed:
+  `--adversarial-loss probability` (1 - P_D(id) for both players).
+- eq. 1's max over D, for which Algorithm 1 has no step -> each iteration first one step of every D_j^b on both
+  networks' detached features of the batch, then S_1 and S_2 learn against the updated D_j^b (the usual alternation
+  of GANs; choice). No flag.
+- D_j^b (section 3.2): "three convolution layers with ReLU operation", "the last layer with two neurons"; sigma is
+  "utilized to reduce the number of channels"; widths, kernels, pooling and which player trains sigma are unstated
+  -> sigma: a 1x1 conv halving the channels, trained with D (trained by S_j, sigma could fool D by shrinking instead
+  of S_j changing its features); three 3x3 convs at sigma's width, global average pooling to two logits (choices).
+  No flag.
+- D's optimizer and lr: unstated -> SGD with the networks' momentum, Nesterov and weight decay, lr `--disc-lr` 0.003,
+  on the networks' schedule (the players keep their ratio as the lr anneals). Short CPU runs on CIFAR-10 ResNet-20
+  pairs: 0.1 diverged in the first epoch, 0.01 let the discriminators win and the networks fall to chance, 0.001
+  left them at a constant output, 0.003 kept their accuracy around 50-70%.
+- eq. 2's d, "L2" -> the mean squared error over the batch and C*H*W of f_{3-j}^B. Every stage aligns to the same
+  f_{3-j}^B, so a per-sample sum of squares weighted beta is `--beta` beta*C*H*W (4096 beta for ResNet-32 on CIFAR:
+  64x8x8). The paper gives no beta: 1 here (choice).
+- eq. 5 and 7 sum over the samples, eq. 1 takes expectations -> every term is a batch mean (sums would weight L_C and
+  L_KL by the batch size against L_D and L_F). No flag.
+- the peer's index: the paper's 3 - j is 1 - j in the code, whose networks are 0 and 1 (logged as peer1, peer2).
+- C_j^b, "depthwise convolution and pointwise convolution" -> a depthwise 3x3 conv whose stride brings f_j^b to
+  f_{3-j}^B's size (pooling the rest where no integer stride fits), then a pointwise conv to its channels (choices).
+- mixed pairs: how one sigma reads two widths is unstated -> a 1x1 conv trained with the wider network maps its stage
+  outputs to the narrower's channels (choice).
+- CIFAR epochs: unstated ("multiplied by 0.1 every 200 epochs") -> 600, x0.1 at 200 and 400: Fig. 3(b) discusses the
+  test error "after 400 epoch". `--epochs`, `--milestones`.
+- precision: unstated -> bf16 autocast, with the alignment containers and every loss between the networks in fp32.
+  `--amp off` for fp32 throughout.
+- not in the paper: the peers' logit average is reported as "ensemble".
+
+Defaults: section 4.2's CIFAR protocol (SGD, Nesterov momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 x0.1 at
+epochs 200 and 400, 600 epochs), Algorithm 1 (`--no-sequential`: both updates from one forward), ResNet-32 pairs.
+Headline, Table 2(b)'s ResNet-32 pair on CIFAR-100: the paper prints "Avg", the mean of Net1's and Net2's top-1,
+74.69% (69.71% trained alone, 70.98% with DML), without saying final or best epoch or how many runs; compare the mean
+of the two peers' final top-1 in summary.json, over seeds. The command departs from the print on the lines above; add
+`--kl-direction self_peer --adversarial-loss probability` for the printed eq. 7 and eq. 1:
+    python amln.py --dataset cifar100
+Table 6 (ResNet-32 pair, averaged accuracy, CIFAR-10 / CIFAR-100): the same command (or `--dataset cifar10`) plus
+    --no-kl --no-adversarial --no-alignment    # A: L_C only        93.10 / 69.71
+    --no-adversarial --no-alignment            # B: + L_KL (DML)    93.15 / 70.98
+    --no-adversarial                           # C: + L_F           93.89 / 73.24
+    --no-alignment                             # D: + L_D           94.01 / 74.16
+                                               # E: AMLN            94.25 / 74.69
+Table 2(b)'s other pairs (Avg): `--model resnet56` 75.77%, `wrn_16_2` 75.56%, `wrn_40_2` 77.97%. Table 3(b), a mixed
+pair (Net1 WRN-16-2 75.88%, Net2 ResNet-32 74.65%): `--models wrn_16_2,resnet32`. Table 4, ImageNet (ResNet-34 pair,
+one number for the pair: 75.48% top-1, 92.54% top-5; section 4.2: batch 128, lr 0.1 x0.1 every 30 epochs, 90 epochs,
+weight decay 1e-4; the momentum is unstated there, the CIFAR setting's Nesterov 0.9 is kept):
+    python amln.py --model resnet34 --dataset imagenet --data-dir PATH --epochs 90 --milestones 30 60
 """
 import argparse
 import json
@@ -95,14 +131,29 @@ def parse_args(argv=None):
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
-    method = parser.add_argument_group("AMLN (paper 003)")
-    method.add_argument("--models", default=None, help="two comma-separated architectures, peer 1 and peer 2, with the same number of stages (default: --model twice)")
-    method.add_argument("--temperature", type=float, default=3.0, help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
-    method.add_argument("--beta", type=float, default=1.0, help="weight of the alignment loss L_F (eq. 3)")
-    method.add_argument("--disc-lr", type=float, default=0.003, help="peak lr of the discriminators' own optimizer, on the main schedule (unstated in the paper: 0.003 keeps the game balanced, see the docstring)")
-    method.add_argument("--adversarial-loss", default="ce", choices=["ce", "probability"], help="network side of eq. 1: non-saturating CE towards the peer's id, or 1 - P(peer id) as eq. 1 is printed")
-    method.add_argument("--kl-direction", default="peer_self", choices=["peer_self", "self_peer"], help="KL(rho_peer || rho_self) as DML, or KL(rho_self || rho_peer) as eq. 7 is printed")
-    method.add_argument("--sequential", action="store_true", help="Algorithm 1: update peer 1, recompute its outputs, then update peer 2")
+    # AMLN's CIFAR protocol replaces the defaults above (section 4.2: SGD, Nesterov momentum 0.9, weight decay 1e-4,
+    # batch 128, lr 0.1 x0.1 every 200 epochs) on Table 2's first pair, ResNet-32. choice: 600 epochs, which the paper
+    # does not state: Fig. 3(b) discusses the test error "after 400 epoch", so training runs past the second decay
+    parser.set_defaults(model="resnet32", epochs=600, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
+                        weight_decay=1e-4, schedule="multistep", milestones=[200, 400], gamma=0.1, warmup_epochs=0)
+    method = parser.add_argument_group("AMLN (Zhang et al., ECCV 2020)")
+    method.add_argument("--models", default=None, help="two comma-separated architectures, S_1 and S_2, with the same "
+                        "number of stages (default: --model twice)")
+    method.add_argument("--temperature", type=float, default=3.0,
+                        help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
+    method.add_argument("--beta", type=float, default=1.0,
+                        help="weight beta of the alignment loss L_F (eq. 3; unstated in the paper; L_F is a mean over "
+                        "C*H*W)")
+    method.add_argument("--disc-lr", type=float, default=0.003,
+                        help="peak lr of the discriminators' SGD, on the networks' schedule (unstated in the paper)")
+    method.add_argument("--adversarial-loss", default="ce", choices=["ce", "probability"],
+                        help="eq. 1 for both players: cross-entropy on the network ids (non-saturating for the "
+                        "networks), or 1 - P_D(id) as printed")
+    method.add_argument("--kl-direction", default="peer_self", choices=["peer_self", "self_peer"],
+                        help="KL(rho_peer || rho_self) as DML, or KL(rho_self || rho_peer) as eq. 7 is printed")
+    method.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                        help="Algorithm 1: update S_1, then S_2 against S_1's updated prediction; --no-sequential: "
+                        "both updates from one forward")
     method.add_argument("--no-kl", action="store_true", help="drop L_KL (Table 6)")
     method.add_argument("--no-adversarial", action="store_true", help="drop L_D and the discriminators (Table 6)")
     method.add_argument("--no-alignment", action="store_true", help="drop L_F and the alignment containers (Table 6)")
@@ -111,16 +162,18 @@ def parse_args(argv=None):
     if args.models is not None and len(args.models) != 2:
         parser.error(f"AMLN trains two peers: --models takes two architectures a,b, got {','.join(args.models)}")
     if args.temperature <= 0 or args.beta < 0 or args.disc_lr <= 0:
-        parser.error(f"--temperature and --disc-lr must be > 0 and --beta >= 0, got {args.temperature}, {args.disc_lr} and {args.beta}")
+        parser.error(f"--temperature and --disc-lr must be > 0 and --beta >= 0, got {args.temperature}, "
+                     f"{args.disc_lr} and {args.beta}")
     return args
 
 
 # ==== the method ====
 def outcome_loss(logits, peer_logits, targets, temperature=3.0, direction="peer_self"):
-    """Eq. 5-8: L_C = CE(z_j, y) and T^2 * L_KL with rho = softmax(z / T) (eq. 6). Returns (ce, kl), fp32.
+    """Eq. 4-8 for network j: L_C = CE(z_j, y) (eq. 5) and T^2 L_KL with rho = softmax(z / T) (eq. 6-7),
+    both in fp32 and averaged over the batch. Returns (ce, T^2 * kl); the peer's logits are detached.
 
-    direction "peer_self": KL(rho_peer || rho_j), DML's direction; "self_peer": KL(rho_j || rho_peer),
-    eq. 7 as printed. KL summed over classes, averaged over the batch; the peer is detached.
+    direction "peer_self": KL(rho_peer || rho_j), DML's direction (the default); "self_peer":
+    KL(rho_j || rho_peer), eq. 7 as printed. The KL is summed over classes.
     """
     logits = logits.float()
     log_rho = F.log_softmax(logits / temperature, dim=1)
@@ -132,37 +185,45 @@ def outcome_loss(logits, peer_logits, targets, temperature=3.0, direction="peer_
     return F.cross_entropy(logits, targets), kl * temperature**2  # T^2 keeps the gradient scale of CE (eq. 8)
 
 
-def adversarial_loss(disc_logits, peer_id, form="ce"):
-    """Network side of eq. 1: L_D^j = sum_b of a loss that is small when D_j^b takes network j's features
-    sigma(f_j^b) for the peer's. form "ce": CE(D_j^b, peer_id), the non-saturating GAN form (SPEC);
-    "probability": mean(1 - P_D(peer_id)), eq. 1 as printed with D = the probability of the peer's id
-    (saturating: its gradient fades as D grows confident)."""
+def adversarial_loss(disc_logits, ids, form="ce"):
+    """One player's side of eq. 1: the sum over discriminator outputs (one [n, 2] tensor of logits per
+    D_j^b) of a loss that is small when D answers the network ids `ids` (an int for every sample, or a
+    tensor [n]). The networks pass their peer's id (fool D_j^b), the discriminators the true ids. In fp32.
+
+    form "ce": cross-entropy, the log form of GANs (non-saturating on the networks' side);
+    "probability": mean(1 - P_D(ids)), eq. 1 as printed, where D is the probability of an id.
+    """
     total = 0
     for logits in disc_logits:
+        logits = logits.float()
+        target = torch.full((len(logits),), ids, device=logits.device) if isinstance(ids, int) else ids
         if form == "ce":
-            total = total + F.cross_entropy(logits.float(), torch.full((len(logits),), peer_id, device=logits.device))
+            total = total + F.cross_entropy(logits, target)
         else:
-            total = total + (1 - F.softmax(logits.float(), dim=1)[:, peer_id]).mean()
+            total = total + (1 - F.softmax(logits, dim=1).gather(1, target[:, None])).mean()
     return total
 
 
-def discriminator_loss(stage_logits, labels):
-    """Discriminator side of eq. 1: every D_j^b classifies both networks' stage-b features by network
-    id (`labels`). Returns (sum of the cross-entropies, accuracy of each D_j^b as [stage][network])."""
-    losses = [F.cross_entropy(logits.float(), labels) for pair in stage_logits for logits in pair]
-    accuracies = [[(logits.argmax(1) == labels).float().mean() for logits in pair] for pair in stage_logits]
-    return sum(losses), accuracies
+def discriminator_loss(stage_logits, ids, form="ce"):
+    """Eq. 1's max over D: every D_j^b classifies both networks' stage-b features by network id.
+    `stage_logits[b][j]`: D_j^b's logits. Returns (the summed loss, each D's accuracy as [stage][network])."""
+    loss = adversarial_loss([logits for pair in stage_logits for logits in pair], ids, form)
+    accuracies = [[(logits.argmax(1) == ids).float().mean() for logits in pair] for pair in stage_logits]
+    return loss, accuracies
 
 
 def alignment_loss(aligned, peer_final):
-    """Eq. 2: L_F^j = sum_b d(C_j^b(f_j^b), f_peer^final), d = mean squared error (choice: SPEC), peer detached."""
+    """Eq. 2: L_F^j = sum_b d(C_j^b(f_j^b), f_peer^B) in fp32, the peer detached. choice: d = the mean squared
+    error over the batch and C*H*W (the paper says "L2": a per-sample sum of squares is this times C*H*W)."""
     target = peer_final.detach().float()
     return sum(F.mse_loss(features.float(), target) for features in aligned)
 
 
 class Discriminator(torch.nn.Module):
-    """D_j^b (section 3.2): sigma, a 1x1 conv halving the channels (eq. 1), then three 3x3 convs with
-    ReLU, the last with two outputs (the network id), and global average pooling to 2 logits."""
+    """D_j^b (section 3.2): sigma, a 1x1 conv reducing the channels (eq. 1), then "three convolution
+    layers with ReLU, the last with two neurons" (the network id). choice (widths, kernels and pooling
+    are unstated): sigma halves the channels, the convs are 3x3 at that width, and global average
+    pooling turns the last one's two maps into two logits."""
 
     def __init__(self, channels):
         super().__init__()
@@ -179,11 +240,12 @@ class Discriminator(torch.nn.Module):
 
 class Discriminators(torch.nn.Module):
     """Every D_j^b, as stages[b][j]. One call classifies one batch per stage with both discriminators
-    of that stage, so the discriminator step is one forward (what DDP needs)."""
+    of that stage, so the discriminators' step is one forward and one backward."""
 
     def __init__(self, channels_per_stage):
         super().__init__()
-        self.stages = torch.nn.ModuleList(torch.nn.ModuleList(Discriminator(c) for _ in range(2)) for c in channels_per_stage)
+        pairs = (torch.nn.ModuleList(Discriminator(c) for _ in range(2)) for c in channels_per_stage)
+        self.stages = torch.nn.ModuleList(pairs)
 
     def forward(self, stage_inputs):
         return [[disc(features) for disc in pair] for pair, features in zip(self.stages, stage_inputs)]
@@ -202,10 +264,13 @@ class AlignmentContainer(torch.nn.Module):
         self.target_size = target_size
 
     def forward(self, features):
-        features = self.depthwise(features)
-        if tuple(features.shape[2:]) != self.target_size:  # choice: no integer stride fits (ConvNet 14 -> 5): pool the rest
-            features = F.adaptive_avg_pool2d(features, self.target_size)
-        return self.pointwise(features)
+        # choice: in fp32 under any autocast, so that L_F, a difference between the networks, is not bf16 rounding
+        # (a depthwise and a pointwise conv: cheap next to the networks)
+        with torch.autocast(features.device.type, enabled=False):
+            features = self.depthwise(features.float())
+            if tuple(features.shape[2:]) != self.target_size:  # choice: no integer stride fits (14 -> 5): pool the rest
+                features = F.adaptive_avg_pool2d(features, self.target_size)
+            return self.pointwise(features)
 
 
 class PeerBlocks(torch.nn.Module):
@@ -239,10 +304,11 @@ def build_block_modules(shapes, adversarial=True, alignment=True):
     (channels, height, width). Returns (Discriminators or None, [PeerBlocks of peer 1, of peer 2])."""
     common = [tuple(min(a, b) for a, b in zip(first, second)) for first, second in zip(*shapes)]
     discriminators = Discriminators([shape[0] for shape in common]) if adversarial else None
-    blocks = [PeerBlocks([discriminator_adapter(own, target) for own, target in zip(shapes[j], common)] if adversarial else [],
-                         [AlignmentContainer(own, shapes[1 - j][-1]) for own in shapes[j]] if alignment else [])
-              for j in range(2)]
-    return discriminators, blocks
+    adapters = [[discriminator_adapter(own, target) for own, target in zip(shapes[j], common)] if adversarial else []
+                for j in range(2)]
+    containers = [[AlignmentContainer(own, shapes[1 - j][-1]) for own in shapes[j]] if alignment else []
+                  for j in range(2)]
+    return discriminators, [PeerBlocks(adapters[j], containers[j]) for j in range(2)]
 
 
 @torch.no_grad()
@@ -258,89 +324,79 @@ def stage_shapes(network, image_size):
     return [tuple(f.shape[1:]) for f in features]
 
 
-def frozen_call(module, inputs):
-    """module(inputs) with its parameters detached: the gradient reaches `inputs`, never the module."""
-    return torch.func.functional_call(module, {name: p.detach() for name, p in module.named_parameters()}, (inputs,))
+def amln_step(nets, blocks, discriminators, optimizers, images, labels, args, scaler, autocast):
+    """One AMLN iteration on a batch, top to bottom: both networks' forward, the discriminators' step
+    (eq. 1's max over D), then Algorithm 1: L_{S_1} (eq. 9) and S_1's update, L_{S_2} from S_1's
+    updated prediction and S_2's update.
 
-
-def discriminator_step(discriminators, adapted, optimizer, scaler, autocast):
-    """Eq. 1's max over D: every D_j^b (sigma included) learns to tell peer 1's stage-b features (label 0)
-    from peer 2's (label 1). The features are detached, so nothing else changes. `adapted[k][b]`: the
-    adapted stage-b features of network k. Returns the logged terms: the loss and each D's accuracy
-    on this batch, before its update."""
-    stage_inputs = [torch.cat([first.detach(), second.detach()]) for first, second in zip(*adapted)]
-    batch = len(adapted[0][0])
-    labels = torch.arange(2, device=stage_inputs[0].device).repeat_interleave(batch, output_size=2 * batch)  # known size: no sync
-    with autocast():
-        stage_logits = discriminators(stage_inputs)  # one forward: DDP all-reduces on the one backward
-    loss, accuracies = discriminator_loss(stage_logits, labels)
-    backward_step(loss, scaler, optimizer)
-    terms = {"d_loss": loss}
-    for b, pair in enumerate(accuracies):
-        terms.update({f"d_acc_peer{j + 1}_stage{b + 1}": accuracy for j, accuracy in enumerate(pair)})
-    return terms
-
-
-def peer_loss(j, own, peer, discriminators, targets, args, autocast):
-    """Eq. 9 for network j: L_C + T^2 L_KL + L_D + beta L_F, each term present only when on.
-    `own`, `peer`: (logits, final features, adapted features, aligned features) of network j and of
-    its peer; `discriminators`: the raw Discriminators (used with detached parameters) or None;
-    `autocast`: the precision context. Returns (total, the logged terms)."""
-    name = f"peer{j + 1}"
-    logits, _, adapted, aligned = own
-    ce, kl = outcome_loss(logits, peer[0], targets, args.temperature, args.kl_direction)
-    terms, total = {f"ce_{name}": ce}, ce
-    if not args.no_kl:
-        terms[f"kl_{name}"] = kl
-        total = total + kl
-    if discriminators is not None:  # frozen_call: the network step trains no discriminator parameter
-        with autocast():
-            disc_logits = [frozen_call(pair[j], features) for pair, features in zip(discriminators.stages, adapted)]
-        terms[f"adv_{name}"] = adversarial_loss(disc_logits, 1 - j, args.adversarial_loss)
-        total = total + terms[f"adv_{name}"]
-    if aligned:
-        terms[f"align_{name}"] = alignment_loss(aligned, peer[1])
-        total = total + args.beta * terms[f"align_{name}"]
-    return total, terms
-
-
-def amln_step(nets, blocks, discriminators, optimizers, images, targets, args, scaler, autocast):
-    """One AMLN iteration: the discriminators' step, then the networks' (Algorithm 1).
-
-    nets: {"peer1", "peer2"} (possibly DDP-wrapped); blocks: their PeerBlocks (possibly wrapped);
-    discriminators: Discriminators (possibly wrapped) or None; optimizers: one per peer (its network
-    and blocks) and "disc". Returns the loss terms as 0-d tensors (never synced here).
+    nets, blocks: the two networks and their PeerBlocks (adapters to sigma's input, containers C_j^b);
+    discriminators: the Discriminators, or None with --no-adversarial; any of them may come wrapped
+    for DDP. optimizers: "peer1" and "peer2" (a network with its blocks each) and "disc". Networks
+    are 0 and 1 here, so the paper's peer 3 - j is 1 - j. Returns the logged terms as 0-d tensors.
     """
-    names = list(nets)
-
-    def forward(j, grad):  # network j and its block-wise modules
-        with torch.set_grad_enabled(grad), autocast():
-            logits, features = nets[names[j]](images, return_features=True)
-            adapted, aligned = blocks[j](features)
-        return logits, features[-1], adapted, aligned
-
-    def update(loss, *names_to_step):
-        backward_step(loss, scaler, *(optimizers[name] for name in names_to_step))
-
-    outputs = [forward(0, True), forward(1, not args.sequential)]
+    # Algorithm 1 steps 1 and 4: each network's stage features f_j^b and logits z_j. S_2 does not change before
+    # step 6, so this one forward of S_2 gives S_1's targets (step 2) and, graph kept, S_2's own loss (step 5)
+    with autocast():
+        outputs = [net(images, return_features=True) for net in nets]
+        adapted, aligned = zip(*(block(features) for block, (_, features) in zip(blocks, outputs)))
+    logits, finals = [z for z, _ in outputs], [features[-1] for _, features in outputs]  # z_j and f_j^B
     terms = {}
+
     if discriminators is not None:
-        terms.update(discriminator_step(discriminators, [out[2] for out in outputs], optimizers["disc"], scaler, autocast))
-    raw_discriminators = getattr(discriminators, "module", discriminators)  # unwrap DDP
-    if args.sequential:  # Algorithm 1: peer 1 steps, then peer 2 learns from peer 1's updated outputs
-        total = 0
-        for j, name in enumerate(names):
-            if j == 1:
-                outputs = [forward(0, False), forward(1, True)]
-            loss, peer_terms = peer_loss(j, outputs[j], outputs[1 - j], raw_discriminators, targets, args, autocast)
-            update(loss, name)
-            total, terms = total + loss.detach(), {**terms, **peer_terms}
-    else:  # choice: both peers step on one forward (the peer's terms are detached, so the losses separate)
-        losses = [peer_loss(j, outputs[j], outputs[1 - j], raw_discriminators, targets, args, autocast) for j in range(2)]
-        total = losses[0][0] + losses[1][0]
-        update(total, *names)
-        for _, peer_terms in losses:
-            terms.update(peer_terms)
+        # eq. 1, max over D. Algorithm 1 schedules no discriminator step; choice: one per iteration, before the
+        # networks' updates (the usual alternation of GANs). Every D_j^b classifies both networks' stage-b features,
+        # detached, by network id (0: S_1, 1: S_2)
+        batch = len(images)
+        ids = torch.arange(2, device=images.device).repeat_interleave(batch, output_size=2 * batch)  # no sync
+        with autocast():
+            stage_logits = discriminators([torch.cat([one.detach(), two.detach()]) for one, two in zip(*adapted)])
+        terms["d_loss"], accuracies = discriminator_loss(stage_logits, ids, args.adversarial_loss)
+        backward_step(terms["d_loss"], scaler, optimizers["disc"])
+        for b, pair in enumerate(accuracies):
+            terms.update({f"d_acc_peer{j + 1}_stage{b + 1}": accuracy for j, accuracy in enumerate(pair)})
+        # eq. 1, min over f: S_j plays against its updated D_j^b, called with detached parameters so that the
+        # networks' loss trains no discriminator. frozen[j][b] = (D_j^b, its detached parameters); the raw modules,
+        # as a DDP wrapper is for the discriminators' own step
+        stages = getattr(discriminators, "module", discriminators).stages
+        frozen = [[(pair[j], {key: p.detach() for key, p in pair[j].named_parameters()}) for pair in stages]
+                  for j in range(2)]
+
+    total = 0
+    for j, peer in ((0, 1), (1, 0)):  # Algorithm 1 steps 2-3 (S_1), then 5-6 (S_2); peer = the paper's 3 - j
+        name = f"peer{j + 1}"
+        if j == 1 and args.sequential and (not args.no_kl or aligned[1]):
+            # step 4: S_2 learns from S_1's updated prediction and final features. choice: one forward of the updated
+            # S_1 without gradient, its BN layers normalising with the batch's statistics as in training but leaving
+            # their running statistics alone: they saw this batch in step 1 (a plain train-mode re-forward would
+            # count it twice; eval mode would give another prediction than training's)
+            norms = [m for m in nets[0].modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            for norm in norms:
+                norm.track_running_stats = False
+            with torch.no_grad(), autocast():
+                logits[0], features = nets[0](images, return_features=True)
+            for norm in norms:
+                norm.track_running_stats = True
+            finals[0] = features[-1]
+        ce, kl = outcome_loss(logits[j], logits[peer], labels, args.temperature, args.kl_direction)  # eq. 4-7
+        terms[f"ce_{name}"], loss = ce, ce
+        if not args.no_kl:
+            terms[f"kl_{name}"] = kl
+            loss = loss + kl  # eq. 8: L_C + T^2 L_KL (outcome_loss applies the T^2)
+        if discriminators is not None:  # eq. 1, the networks' side: D_j^b should take S_j's features for the peer's
+            with autocast():
+                disc_logits = [torch.func.functional_call(disc, params, (features,))
+                               for (disc, params), features in zip(frozen[j], adapted[j])]
+            terms[f"adv_{name}"] = adversarial_loss(disc_logits, peer, args.adversarial_loss)
+            loss = loss + terms[f"adv_{name}"]
+        if aligned[j]:  # eq. 2: C_j^b(f_j^b) against the peer's final features, detached
+            terms[f"align_{name}"] = alignment_loss(aligned[j], finals[peer])
+            loss = loss + args.beta * terms[f"align_{name}"]  # eq. 3 and 9: L_S = L_C + T^2 L_KL + L_D + beta L_F
+        if args.sequential:  # Algorithm 1 step 3 / 6: update S_j (with its blocks) alone
+            backward_step(loss, scaler, optimizers[name])
+            loss = loss.detach()
+        total = total + loss
+    if not args.sequential:  # --no-sequential: both updates from the one forward (the peer terms are detached)
+        backward_step(total, scaler, optimizers["peer1"], optimizers["peer2"])
     return {"loss": total, **terms}
 
 
@@ -350,8 +406,9 @@ def build_networks(args, num_classes, image_size):
     peers = {f"peer{k + 1}": build_model(name, num_classes, image_size) for k, name in enumerate(architectures)}
     stage_counts = [len(getattr(net, "stages", [])) for net in peers.values()]
     if stage_counts[0] != stage_counts[1]:
-        raise ValueError(f"AMLN pairs the peers stage by stage (section 3.1), but {architectures[0]} has {stage_counts[0]} stages "
-                         f"and {architectures[1]} has {stage_counts[1]}; choose two architectures with the same number of stages")
+        raise ValueError(f"AMLN pairs the peers stage by stage (section 3.1), but {architectures[0]} has "
+                         f"{stage_counts[0]} stages and {architectures[1]} has {stage_counts[1]}; choose two "
+                         "architectures with the same number of stages")
     return peers
 
 
@@ -502,9 +559,10 @@ def main(args):
         shapes = [stage_shapes(net, data.image_size) for net in networks.values()]
     except ValueError as error:
         fail(f"{error}")
-    discriminators, blocks = build_block_modules(shapes, adversarial=not args.no_adversarial, alignment=not args.no_alignment)
+    discriminators, blocks = build_block_modules(shapes, not args.no_adversarial, not args.no_alignment)
     # each peer's optimizer owns its network and its block-wise extras (adapters, alignment containers)
-    optimizers = {name: make_optimizer([*net.parameters(), *blocks[j].parameters()], args) for j, (name, net) in enumerate(networks.items())}
+    optimizers = {name: make_optimizer([*net.parameters(), *blocks[j].parameters()], args)
+                  for j, (name, net) in enumerate(networks.items())}
     extra_modules = {f"{name}_blocks": blocks[j] for j, name in enumerate(networks)}
     if discriminators is not None:  # eq. 1's max over D: the discriminators (sigma included) have their own optimizer
         optimizers["disc"] = make_optimizer(discriminators.parameters(), args, lr=args.disc_lr)
@@ -550,19 +608,23 @@ def main(args):
               + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
 
     # ==== the method's training step and evaluation outputs ====
-    def wrap(module):  # under torchrun the extra trainable modules need their gradients all-reduced too
-        trainable = module is not None and any(p.requires_grad for p in module.parameters())
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) if distributed and trainable else module
-
-    train_blocks, train_discriminators = [wrap(b) for b in blocks], wrap(discriminators)
+    # stand-in for the scaffolding's DDP block (it is to wrap every trainable module of extra_modules, as it wraps the
+    # networks): under torchrun the blocks' and discriminators' gradients are all-reduced too
+    train_extra = {name: DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+                   if distributed and any(p.requires_grad for p in module.parameters()) else module
+                   for name, module in extra_modules.items()}
 
     def train_step(images, labels, epoch):
-        """One AMLN iteration (Algorithm 1, eq. 1-9) on a batch; returns the loss terms as tensors (logged per epoch)."""
-        return amln_step(train_nets, train_blocks, train_discriminators, optimizers, images, labels, args, scaler, autocast)
+        """One AMLN iteration (amln_step: eq. 1-9 in the order of Algorithm 1); returns the logged loss terms."""
+        peers = [train_nets["peer1"], train_nets["peer2"]]
+        peer_blocks = [train_extra["peer1_blocks"], train_extra["peer2_blocks"]]
+        return amln_step(peers, peer_blocks, train_extra.get("discriminators"), optimizers, images, labels, args, scaler,
+                         autocast)
 
     def predict(images):
         logits = {name: net(images) for name, net in networks.items()}
-        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}  # logit averaging (SPEC 1)
+        # choice: the ensemble (not in the paper) averages the peers' logits, as in every script here
+        return {**logits, "ensemble": torch.stack(list(logits.values())).mean(0)}
 
     # ==== training loop, logging, checkpoints (identical in every method file) ====
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
