@@ -14,8 +14,8 @@ features and splits a network into shared and branched parts without hooks:
   `model.head.fc`. ViT stage outputs are token sequences [B, tokens, width]; their "channels" is
   the width.
 - Stages are a network's resolution levels: the residual groups of the ResNets and WRNs, the dense
-  blocks (with their transitions) of DenseNet, the convs between max-pools of VGG, the blocks
-  from one stride-2 block to the next of the MobileNets. Pre-activation networks (WRN, PyramidNet,
+  blocks (with their transitions) of DenseNet, the conv groups of VGG (at 32 px the last two both
+  run at 4x4, as RepDistiller's), the blocks from one stride-2 block to the next of the MobileNets. Pre-activation networks (WRN, PyramidNet,
   DenseNet) end their last stage with the final BN + ReLU, so every network's last stage output
   is activated, as in the post-activation ResNets.
 - image_size <= 64 selects the small-image (CIFAR, TinyImageNet) stems of the ImageNet networks;
@@ -304,10 +304,18 @@ def _mobilenet(num_classes, image_size):
 def _vgg(config, num_classes, image_size):
     """VGG with batch norm (Simonyan & Zisserman 2015) from torchvision's `make_layers`, in the CIFAR
     layout of RepDistiller's vgg.py: the fifth max-pool becomes global average pooling, then one
-    linear layer. Stem: the first conv; each later stage starts at a max-pool."""
+    linear layer. Stem: the first conv; each later stage starts at a max-pool. As RepDistiller, the
+    fourth max-pool is applied only to 64-px inputs, so at 32 px the last two stages both run at 4x4
+    (32, 16, 8, 4, 4; at 64 px: 64, 32, 16, 8, 4)."""
     layers = list(tvm.vgg.make_layers(tvm.vgg.cfgs[config][:-1], batch_norm=True))
-    starts = [3] + [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)] + [len(layers)]
+    pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
+    starts = [3] + pools + [len(layers)]
     stages = [nn.Sequential(*layers[start:end]) for start, end in zip(starts, starts[1:])]
+    if image_size < 64:
+        # choice: RepDistiller pools here only at exactly 64 px; any size below keeps the 4x4 (and
+        # every larger one pools, so that a 128-px input does not run the last stage at 8x8); an
+        # Identity in the pool's place keeps the parameter names of both sizes the same
+        stages[-1][0] = nn.Identity()
     return _kaiming_init(Backbone(nn.Sequential(*layers[:3]), stages, _pooled_head(512, num_classes)))
 
 

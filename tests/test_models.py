@@ -137,6 +137,21 @@ def test_vgg_convs_are_torchvisions_vgg_bn(vgg, torchvision_count):
     assert num_params(on_meta(vgg, 100)) == torchvision_count - classifier + 513 * 100
 
 
+@pytest.mark.parametrize("vgg", ["vgg13", "vgg16", "vgg19"])
+@torch.no_grad()
+def test_vgg_stage_resolutions_are_repdistillers(vgg):
+    """RepDistiller's vgg.py applies its fourth max-pool only to 64-px inputs: at 32 px the last two
+    stages both run at 4x4. Same parameters, under the same names, at both sizes."""
+    sides, names = {}, {}
+    for size in (32, 64):
+        model = build_model(vgg, 100, size).eval()
+        _, features = model(torch.zeros(1, 3, size, size), return_features=True)
+        assert [f.shape[1] for f in features] == [64, 128, 256, 512, 512]
+        sides[size], names[size] = [f.shape[-1] for f in features], list(model.state_dict())
+    assert sides == {32: [32, 16, 8, 4, 4], 64: [64, 32, 16, 8, 4]}
+    assert names[32] == names[64]
+
+
 def conv_params(model):
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
 
