@@ -15,9 +15,9 @@ features and splits a network into shared and branched parts without hooks:
   the width.
 - Stages are a network's resolution levels: the residual groups of the ResNets and WRNs, the dense
   blocks (with their transitions) of DenseNet, the conv groups of VGG (at 32 px the last two both
-  run at 4x4, as RepDistiller's), the blocks from one stride-2 block to the next of the MobileNets. Pre-activation networks (WRN, PyramidNet,
-  DenseNet) end their last stage with the final BN + ReLU, so every network's last stage output
-  is activated, as in the post-activation ResNets.
+  run at 4x4, as RepDistiller's), the blocks from one stride-2 block to the next of the MobileNets.
+  Pre-activation networks (WRN, PyramidNet, DenseNet) end their last stage with the final BN + ReLU,
+  so every network's last stage output is activated, as in the post-activation ResNets.
 - image_size <= 64 selects the small-image (CIFAR, TinyImageNet) stems of the ImageNet networks;
   the CIFAR networks end in global pooling and run at any size.
 
@@ -655,6 +655,10 @@ _BUILDERS = {
     "densenet121": _densenet121,
     "resnext29_2x64d": partial(_cifar_resnet, Bottleneck, 3, widths=(64, 128, 256), stem_width=64, groups=2,
                                base_width=64),
+    # CSS's WRN-20-8 (Tables 1-2): the CSS authors' `ResNet(Bottleneck, [2, 2, 2], width_per_group=512)`,
+    # i.e. the CIFAR bottleneck ResNet-20 with 8x wider 3x3 convs (16 * 8 = 128, 256, 512), not a
+    # pre-activation WRN (those are the wrn_* entries)
+    "wide_resnet20_8": partial(_cifar_resnet, Bottleneck, 2, base_width=512),
     "se_resnet110": partial(_cifar_resnet, SEBasicBlock, 18),
     "pyramidnet110_a84": partial(_pyramidnet, 110, 84),
     "vit_s16": _vit_s16,

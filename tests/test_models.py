@@ -85,6 +85,7 @@ EXACT_PARAMS = [  # (name, classes, image size, count, source)
     ("resnet56", 100, 32, 861_620, "RepDistiller resnet56; AMLN Table 1: 0.86M"),
     ("resnet110", 100, 32, 1_736_564, "RepDistiller resnet110; AMLN Table 1: 1.74M"),
     ("resnet110_bottleneck", 100, 32, 1_170_868, "ONE/OKDDip/CSS code"),
+    ("wide_resnet20_8", 100, 32, 6_871_220, "CSS code: ResNet(Bottleneck, [2, 2, 2], width_per_group=512)"),
     ("resnet18", 100, 32, 11_220_132, "SPEC.md: torchvision's, CIFAR stem"),
     ("wrn_16_2", 100, 32, 703_284, "RepDistiller wrn_16_2; AMLN Table 1: 0.72M"),
     ("wrn_40_1", 100, 32, 569_780, "RepDistiller wrn_40_1; AMLN Table 1: 0.57M"),
@@ -150,6 +151,20 @@ def test_vgg_stage_resolutions_are_repdistillers(vgg):
         sides[size], names[size] = [f.shape[-1] for f in features], list(model.state_dict())
     assert sides == {32: [32, 16, 8, 4, 4], 64: [64, 32, 16, 8, 4]}
     assert names[32] == names[64]
+
+
+@torch.no_grad()
+def test_css_wide_resnet20_8_layout_is_the_css_authors():
+    """The CSS authors' ResNet: 3x3 stem to 16, bottleneck stages of planes 16, 32, 64 (outputs x4)
+    with 3x3 convs 8x as wide, at 32, 16, 8 px; css.py branches the last stage."""
+    import css
+
+    model = build_model("wide_resnet20_8", 100).eval()
+    _, features = model(torch.zeros(1, 3, 32, 32), return_features=True)
+    assert [tuple(f.shape[1:]) for f in features] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
+    assert model.stem[0].out_channels == 16
+    assert [block.conv2.out_channels for stage in model.stages for block in stage] == [128] * 2 + [256] * 2 + [512] * 2
+    css.check_branchable(model, True, 32)
 
 
 def conv_params(model):
