@@ -8,7 +8,8 @@ features and splits a network into shared and branched parts without hooks:
 - `model.stem`: the input layers (nn.Identity for the ConvNet); `model.stages`: an nn.ModuleList;
   `model.head`: a `Head`, last stage's output -> logits.
 - `model.head.pool` maps the last stage's output to the penultimate features [B, feature_dim]
-  (global average pooling and flatten; ConvNet: flatten; ViT: final LayerNorm and class token);
+  (global average pooling and flatten; ConvNet: flatten; ViT: final LayerNorm and class token;
+  mnist_2d: flatten and its 2-wide linear layer, the features SiLa's Fig. 6 plots);
   `model.head.fc` is the final nn.Linear. So `model.head(x) == model.head.fc(model.head.pool(x))`.
 - `model.stage_channels[i]`: channels of stage i's output; `model.feature_dim`: input width of
   `model.head.fc`. ViT stage outputs are token sequences [B, tokens, width]; their "channels" is
@@ -20,8 +21,10 @@ features and splits a network into shared and branched parts without hooks:
   so every network's last stage output is activated, as in the post-activation ResNets.
 - image_size <= 64 selects the small-image (CIFAR, TinyImageNet) stems of the ImageNet networks;
   the CIFAR networks end in global pooling and run at any size.
+- The MNIST networks (mnist_onelayer_mM, mnist_2d) take 1x28x28 digits, or data.py's MNIST (padded
+  to 32 px, 3 equal channels), from which their stem reads the 1x28x28 digit back (`Digits`).
 
-MSDNet (SPEC.md section 2) is the exception: its `forward(x)` returns a list of logits. New
+MSDNet (Huang et al., ICLR 2018) is the exception: its `forward(x)` returns a list of logits. New
 backbones are one entry in `_BUILDERS`: a callable `(num_classes, image_size) -> nn.Module`.
 """
 import math
@@ -82,8 +85,8 @@ def _pooled_head(channels, num_classes):
     return Head(_global_pool(), nn.Linear(channels, num_classes))
 
 
-def _conv_bn_relu(in_channels, out_channels, kernel_size=3, stride=1, groups=1):
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+def _conv_bn_relu(in_channels, out_channels, kernel_size=3, stride=1, groups=1, bias=False):
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias)
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
@@ -189,6 +192,18 @@ class PatchEmbedding(nn.Module):
         return self.dropout(tokens + self.pos_embedding)
 
 
+class Digits(nn.Module):
+    """The input of the MNIST networks: one channel, 28x28. data.py's MNIST is the digit padded by 2 px
+    and repeated to 3 channels (so that every CIFAR network runs on it); this takes one channel and the
+    central 28x28 back, so a script trains the published network (same layers, same parameters) on it.
+    choice: a train translation of up to 2 px then cuts the outer 2 px of the 28x28 frame on one side,
+    where MNIST's digits (size-normalised to 20x20 and centred) are almost always blank."""
+
+    def forward(self, x):
+        crop = (x.shape[-1] - 28) // 2
+        return x[:, :1, crop:crop + 28, crop:crop + 28]
+
+
 class ClassToken(nn.Module):
     """ViT's penultimate features: the class token of the final token sequence."""
 
@@ -198,7 +213,7 @@ class ClassToken(nn.Module):
 
 # ---------------------------------------------------------------- builders: (..., num_classes, image_size)
 def _convnet(num_classes, image_size):
-    """TNA's ConvNet (paper 000, appendix A.2, Table 10): unpadded 3x3 convs 16, 32, pool, 64, 64, pool,
+    """TNA's ConvNet (appendix A.2, Table 10): unpadded 3x3 convs 16, 32, pool, 64, 64, pool,
     ReLU after each conv, linear on 64x5x5 = 1600 features. Stages end at the pools; the last is
     adaptive to 5x5 (TNA's TinyImageNet change; at 32x32 it is the 2x2 pool, 10x10 -> 5x5)."""
     def conv_relu(in_channels, out_channels):
@@ -207,6 +222,43 @@ def _convnet(num_classes, image_size):
     stages = [nn.Sequential(*conv_relu(3, 16), *conv_relu(16, 32), nn.AvgPool2d(2)),
               nn.Sequential(*conv_relu(32, 64), *conv_relu(64, 64), nn.AdaptiveAvgPool2d(5))]
     return Backbone(nn.Identity(), stages, Head(nn.Flatten(), nn.Linear(64 * 5 * 5, num_classes)))
+
+
+def _check_digit_size(image_size):
+    if image_size not in (28, 32):
+        raise ValueError(f"the MNIST networks take 28-px digits (or data.py's 32-px padded MNIST); got {image_size} px")
+
+
+def _mnist_onelayer(width, num_classes, image_size):
+    """The one-layer ConvNet of M = `width` filters of the FDL poster's MNIST experiment (Das & Dutta Roy,
+    "Identical Neural Networks"; accuracy against M, one network of M filters against an FDL ensemble of
+    two of M/2), as the authors' basic_mnist.py: 3x3 stride-2 conv (with bias) + BN + ReLU + 2x2 max-pool
+    (28 -> 14 -> 7), then a linear layer on the flattened 7x7xM map (their Conv1d(49M, 10, 1) on it is
+    this linear). One stage: the conv block."""
+    _check_digit_size(image_size)
+    stage = nn.Sequential(*_conv_bn_relu(1, width, stride=2, bias=True), nn.MaxPool2d(2))
+    return _kaiming_init(Backbone(Digits(), [stage], Head(nn.Flatten(), nn.Linear(width * 7 * 7, num_classes))))
+
+
+def _mnist_2d(num_classes, image_size):
+    """SiLa's Fig. 6 network (Gan, Liu, Chen & Zhang, "Siamese Labels Auxiliary Learning"): the "12-layer
+    convolutional network" of Large-Margin Softmax (Liu et al., ICML 2016) whose features before the last
+    linear layer are plotted, so that layer is 2 wide. Layers as the L-Softmax authors' released MNIST
+    network: 3x3 conv 64; three stages of three 3x3 convs (64, 128, 256), each followed by a 2x2 max-pool
+    rounded up as Caffe does (28 -> 14 -> 7 -> 4); linear 4096 -> 2 (the features), linear 2 -> classes:
+    10 convs + 2 linear layers = 12. Every conv has a bias and is followed by BN + ReLU.
+    choice: no BN or ReLU after the 2-wide layer (theirs, 512 wide, has both), so the plotted features
+    may point anywhere in the plane instead of one quadrant. choice: the shared fan-out init (Caffe's
+    "msra" filler is fan-in: the same for equal widths, sqrt(2) apart at the three widening convs)."""
+    _check_digit_size(image_size)
+    stages, channels = [], 64
+    for width in (64, 128, 256):
+        convs = [_conv_bn_relu(c, width, bias=True) for c in (channels, width, width)]
+        stages.append(nn.Sequential(*convs, nn.MaxPool2d(2, ceil_mode=True)))
+        channels = width
+    stem = nn.Sequential(Digits(), *_conv_bn_relu(1, 64, bias=True))
+    head = Head(nn.Sequential(nn.Flatten(), nn.Linear(256 * 4 * 4, 2)), nn.Linear(2, num_classes))
+    return _kaiming_init(Backbone(stem, stages, head))
 
 
 def _cifar_resnet(block, blocks_per_stage, num_classes, image_size, widths=(16, 32, 64), stem_width=16,
@@ -662,6 +714,9 @@ _BUILDERS = {
     "se_resnet110": partial(_cifar_resnet, SEBasicBlock, 18),
     "pyramidnet110_a84": partial(_pyramidnet, 110, 84),
     "vit_s16": _vit_s16,
+    # MNIST (1x28x28 digits, or data.py's 3x32x32 MNIST): FDL's one-layer ConvNet of M filters, SiLa's Fig. 6
+    **{f"mnist_onelayer_m{2 ** k}": partial(_mnist_onelayer, 2 ** k) for k in range(10)},
+    "mnist_2d": _mnist_2d,
     **{name: partial(build_msdnet, name) for name in MSDNET_CONFIGS},
 }
 MODEL_NAMES = tuple(_BUILDERS)
