@@ -10,7 +10,8 @@ features and splits a network into shared and branched parts without hooks:
 - `model.head.pool` maps the last stage's output to the penultimate features [B, feature_dim]
   (global average pooling and flatten; ConvNet: flatten; ViT: final LayerNorm and class token;
   mnist_2d: flatten and its 2-wide linear layer, the features SiLa's Fig. 6 plots);
-  `model.head.fc` is the final nn.Linear. So `model.head(x) == model.head.fc(model.head.pool(x))`.
+  `model.head.fc` is the final linear layer, an `FP32Linear`: the logits are fp32 under autocast
+  (MSDNet's exits too). So `model.head(x) == model.head.fc(model.head.pool(x))`.
 - `model.stage_channels[i]`: channels of stage i's output; `model.feature_dim`: input width of
   `model.head.fc`. ViT stage outputs are token sequences [B, tokens, width]; their "channels" is
   the width.
@@ -40,12 +41,35 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 # ---------------------------------------------------------------- the common interface
+class FP32Linear(nn.Linear):
+    """The classifier layer, computed in fp32 even under autocast: bf16 logits are rounded to about 0.4% of
+    their size, as large as the differences between networks' logits late in training that the methods'
+    terms between networks (TNA's matching term, the KLs) are made of. Cheap: one small matmul per network.
+    Without autocast it computes in its weight's dtype, as nn.Linear."""
+
+    def forward(self, x):
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+    @classmethod
+    def like(cls, linear):
+        """`linear` as an FP32Linear holding the same parameters (built on the meta device: no init, no RNG)."""
+        if isinstance(linear, cls):
+            return linear
+        fp32 = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        fp32.weight, fp32.bias = linear.weight, linear.bias
+        return fp32
+
+
 class Head(nn.Module):
-    """Last stage's output -> logits: `pool` gives the penultimate features, `fc` the logits."""
+    """Last stage's output -> logits: `pool` gives the penultimate features, `fc` (an FP32Linear: fp32
+    logits under autocast, for every backbone) the logits."""
 
     def __init__(self, pool, fc):
         super().__init__()
-        self.pool, self.fc = pool, fc
+        self.pool, self.fc = pool, FP32Linear.like(fc)
 
     def forward(self, x):
         return self.fc(self.pool(x))
@@ -440,15 +464,6 @@ MSDNET_CONFIGS = {
 }
 
 
-def msd_conv_bn_relu(in_channels, out_channels, kernel_size, stride=1):
-    """Conv (no bias, BN follows) + BN + ReLU, 'same' padding for odd kernels."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
 def msd_dense_conv(in_channels, out_channels, stride, bottleneck, bottleneck_factor):
     """The 3x3 conv that produces new dense features, behind an optional 1x1 bottleneck.
 
@@ -457,9 +472,9 @@ def msd_dense_conv(in_channels, out_channels, stride, bottleneck, bottleneck_fac
     layers = []
     if bottleneck:
         inner = min(in_channels, bottleneck_factor * out_channels)
-        layers.append(msd_conv_bn_relu(in_channels, inner, 1))
+        layers.append(_conv_bn_relu(in_channels, inner, 1))
         in_channels = inner
-    layers.append(msd_conv_bn_relu(in_channels, out_channels, 3, stride))
+    layers.append(_conv_bn_relu(in_channels, out_channels, 3, stride))
     return nn.Sequential(*layers)
 
 
@@ -472,7 +487,7 @@ class MSDStem(nn.Module):
         super().__init__()
         widths = [stem_channels * factor for factor in growth_factors]
         if stem == "cifar":
-            finest = msd_conv_bn_relu(3, widths[0], 3)
+            finest = _conv_bn_relu(3, widths[0], 3)
         elif stem == "imagenet":
             finest = nn.Sequential(
                 nn.Conv2d(3, widths[0], 7, 2, 3),
@@ -482,7 +497,7 @@ class MSDStem(nn.Module):
             )
         else:
             raise ValueError(f"unknown MSDNet stem {stem!r}")
-        coarser = [msd_conv_bn_relu(widths[s - 1], widths[s], 3, 2) for s in range(1, len(widths))]
+        coarser = [_conv_bn_relu(widths[s - 1], widths[s], 3, 2) for s in range(1, len(widths))]
         self.scales = nn.ModuleList([finest] + coarser)
 
     def forward(self, x):
@@ -559,7 +574,7 @@ class MSDTransition(nn.Module):
         super().__init__()
         kept_factors = growth_factors[len(growth_factors) - out_scales:]
         self.convs = nn.ModuleList(
-            msd_conv_bn_relu(channels * factor, reduced_channels * factor, 1) for factor in kept_factors
+            _conv_bn_relu(channels * factor, reduced_channels * factor, 1) for factor in kept_factors
         )
 
     def forward(self, features):
@@ -575,12 +590,12 @@ class MSDExitClassifier(nn.Module):
     def __init__(self, in_channels, hidden_channels, num_classes):
         super().__init__()
         self.features = nn.Sequential(
-            msd_conv_bn_relu(in_channels, hidden_channels, 3, 2),
-            msd_conv_bn_relu(hidden_channels, hidden_channels, 3, 2),
+            _conv_bn_relu(in_channels, hidden_channels, 3, 2),
+            _conv_bn_relu(hidden_channels, hidden_channels, 3, 2),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.linear = nn.Linear(hidden_channels, num_classes)
+        self.linear = FP32Linear(hidden_channels, num_classes)  # fp32 logits under autocast, as every head
 
     def forward(self, x):
         return self.linear(self.features(x))

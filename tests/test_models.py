@@ -67,8 +67,32 @@ def test_stage_features_are_stem_stages_head_by_hand(model_and_input):
         assert torch.equal(h, feature)
     penultimate = model.head.pool(h)
     assert penultimate.shape == (1, model.feature_dim)
-    assert isinstance(model.head.fc, nn.Linear) and model.head.fc.in_features == model.feature_dim
+    assert isinstance(model.head.fc, models.FP32Linear) and model.head.fc.in_features == model.feature_dim
     assert torch.equal(model.head.fc(penultimate), logits)
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("mobilenetv2", 32), ("vit_s16", 32), ("mnist_2d", 28)])
+@torch.no_grad()
+def test_logits_are_fp32_under_bf16_autocast(name, size):
+    """The classifier layer runs in fp32 under autocast (torchvision-built heads included): the logits
+    are the fp32 head's on the same (bf16) penultimate features, not bf16-rounded."""
+    torch.manual_seed(0)
+    model = build_model(name, 10, size).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, features = model(torch.randn(2, 3 if size == 32 else 1, size, size), return_features=True)
+        penultimate = model.head.pool(features[-1])
+        plain_linear = nn.functional.linear(penultimate, model.head.fc.weight, model.head.fc.bias)
+    assert plain_linear.dtype == torch.bfloat16  # what an nn.Linear head gives under autocast
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, model.head.fc(penultimate.float()))
+
+
+def test_fp32_linear_holds_the_linear_it_replaces():
+    linear = nn.Linear(4, 3)
+    fp32 = models.FP32Linear.like(linear)
+    assert fp32.weight is linear.weight and fp32.bias is linear.bias and models.FP32Linear.like(fp32) is fp32
+    x = torch.randn(2, 4)
+    assert torch.equal(fp32(x), linear(x))
 
 
 def test_unknown_name_lists_the_accepted_ones():
