@@ -8,20 +8,24 @@ features and splits a network into shared and branched parts without hooks:
 - `model.stem`: the input layers (nn.Identity for the ConvNet); `model.stages`: an nn.ModuleList;
   `model.head`: a `Head`, last stage's output -> logits.
 - `model.head.pool` maps the last stage's output to the penultimate features [B, feature_dim]
-  (global average pooling and flatten; ConvNet: flatten; ViT: final LayerNorm and class token);
-  `model.head.fc` is the final nn.Linear. So `model.head(x) == model.head.fc(model.head.pool(x))`.
+  (global average pooling and flatten; ConvNet: flatten; ViT: final LayerNorm and class token;
+  mnist_2d: flatten and its 2-wide linear layer, the features SiLa's Fig. 6 plots);
+  `model.head.fc` is the final linear layer, an `FP32Linear`: the logits are fp32 under autocast
+  (MSDNet's exits too). So `model.head(x) == model.head.fc(model.head.pool(x))`.
 - `model.stage_channels[i]`: channels of stage i's output; `model.feature_dim`: input width of
   `model.head.fc`. ViT stage outputs are token sequences [B, tokens, width]; their "channels" is
   the width.
 - Stages are a network's resolution levels: the residual groups of the ResNets and WRNs, the dense
-  blocks (with their transitions) of DenseNet, the convs between max-pools of VGG, the blocks
-  from one stride-2 block to the next of the MobileNets. Pre-activation networks (WRN, PyramidNet,
-  DenseNet) end their last stage with the final BN + ReLU, so every network's last stage output
-  is activated, as in the post-activation ResNets.
+  blocks (with their transitions) of DenseNet, the conv groups of VGG (at 32 px the last two both
+  run at 4x4, as RepDistiller's), the blocks from one stride-2 block to the next of the MobileNets.
+  Pre-activation networks (WRN, PyramidNet, DenseNet) end their last stage with the final BN + ReLU,
+  so every network's last stage output is activated, as in the post-activation ResNets.
 - image_size <= 64 selects the small-image (CIFAR, TinyImageNet) stems of the ImageNet networks;
   the CIFAR networks end in global pooling and run at any size.
+- The MNIST networks (mnist_onelayer_mM, mnist_2d) take 1x28x28 digits, or data.py's MNIST (padded
+  to 32 px, 3 equal channels), from which their stem reads the 1x28x28 digit back (`Digits`).
 
-MSDNet (SPEC.md section 2) is the exception: its `forward(x)` returns a list of logits. New
+MSDNet (Huang et al., ICLR 2018) is the exception: its `forward(x)` returns a list of logits. New
 backbones are one entry in `_BUILDERS`: a callable `(num_classes, image_size) -> nn.Module`.
 """
 import math
@@ -37,12 +41,35 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 # ---------------------------------------------------------------- the common interface
+class FP32Linear(nn.Linear):
+    """The classifier layer, computed in fp32 even under autocast: bf16 logits are rounded to about 0.4% of
+    their size, as large as the differences between networks' logits late in training that the methods'
+    terms between networks (TNA's matching term, the KLs) are made of. Cheap: one small matmul per network.
+    Without autocast it computes in its weight's dtype, as nn.Linear."""
+
+    def forward(self, x):
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+    @classmethod
+    def like(cls, linear):
+        """`linear` as an FP32Linear holding the same parameters (built on the meta device: no init, no RNG)."""
+        if isinstance(linear, cls):
+            return linear
+        fp32 = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        fp32.weight, fp32.bias = linear.weight, linear.bias
+        return fp32
+
+
 class Head(nn.Module):
-    """Last stage's output -> logits: `pool` gives the penultimate features, `fc` the logits."""
+    """Last stage's output -> logits: `pool` gives the penultimate features, `fc` (an FP32Linear: fp32
+    logits under autocast, for every backbone) the logits."""
 
     def __init__(self, pool, fc):
         super().__init__()
-        self.pool, self.fc = pool, fc
+        self.pool, self.fc = pool, FP32Linear.like(fc)
 
     def forward(self, x):
         return self.fc(self.pool(x))
@@ -82,8 +109,8 @@ def _pooled_head(channels, num_classes):
     return Head(_global_pool(), nn.Linear(channels, num_classes))
 
 
-def _conv_bn_relu(in_channels, out_channels, kernel_size=3, stride=1, groups=1):
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+def _conv_bn_relu(in_channels, out_channels, kernel_size=3, stride=1, groups=1, bias=False):
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias)
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
@@ -189,6 +216,18 @@ class PatchEmbedding(nn.Module):
         return self.dropout(tokens + self.pos_embedding)
 
 
+class Digits(nn.Module):
+    """The input of the MNIST networks: one channel, 28x28. data.py's MNIST is the digit padded by 2 px
+    and repeated to 3 channels (so that every CIFAR network runs on it); this takes one channel and the
+    central 28x28 back, so a script trains the published network (same layers, same parameters) on it.
+    choice: a train translation of up to 2 px then cuts the outer 2 px of the 28x28 frame on one side,
+    where MNIST's digits (size-normalised to 20x20 and centred) are almost always blank."""
+
+    def forward(self, x):
+        crop = (x.shape[-1] - 28) // 2
+        return x[:, :1, crop:crop + 28, crop:crop + 28]
+
+
 class ClassToken(nn.Module):
     """ViT's penultimate features: the class token of the final token sequence."""
 
@@ -198,7 +237,7 @@ class ClassToken(nn.Module):
 
 # ---------------------------------------------------------------- builders: (..., num_classes, image_size)
 def _convnet(num_classes, image_size):
-    """TNA's ConvNet (paper 000, appendix A.2, Table 10): unpadded 3x3 convs 16, 32, pool, 64, 64, pool,
+    """TNA's ConvNet (appendix A.2, Table 10): unpadded 3x3 convs 16, 32, pool, 64, 64, pool,
     ReLU after each conv, linear on 64x5x5 = 1600 features. Stages end at the pools; the last is
     adaptive to 5x5 (TNA's TinyImageNet change; at 32x32 it is the 2x2 pool, 10x10 -> 5x5)."""
     def conv_relu(in_channels, out_channels):
@@ -207,6 +246,43 @@ def _convnet(num_classes, image_size):
     stages = [nn.Sequential(*conv_relu(3, 16), *conv_relu(16, 32), nn.AvgPool2d(2)),
               nn.Sequential(*conv_relu(32, 64), *conv_relu(64, 64), nn.AdaptiveAvgPool2d(5))]
     return Backbone(nn.Identity(), stages, Head(nn.Flatten(), nn.Linear(64 * 5 * 5, num_classes)))
+
+
+def _check_digit_size(image_size):
+    if image_size not in (28, 32):
+        raise ValueError(f"the MNIST networks take 28-px digits (or data.py's 32-px padded MNIST); got {image_size} px")
+
+
+def _mnist_onelayer(width, num_classes, image_size):
+    """The one-layer ConvNet of M = `width` filters of the FDL poster's MNIST experiment (Das & Dutta Roy,
+    "Identical Neural Networks"; accuracy against M, one network of M filters against an FDL ensemble of
+    two of M/2), as the authors' basic_mnist.py: 3x3 stride-2 conv (with bias) + BN + ReLU + 2x2 max-pool
+    (28 -> 14 -> 7), then a linear layer on the flattened 7x7xM map (their Conv1d(49M, 10, 1) on it is
+    this linear). One stage: the conv block."""
+    _check_digit_size(image_size)
+    stage = nn.Sequential(*_conv_bn_relu(1, width, stride=2, bias=True), nn.MaxPool2d(2))
+    return _kaiming_init(Backbone(Digits(), [stage], Head(nn.Flatten(), nn.Linear(width * 7 * 7, num_classes))))
+
+
+def _mnist_2d(num_classes, image_size):
+    """SiLa's Fig. 6 network (Gan, Liu, Chen & Zhang, "Siamese Labels Auxiliary Learning"): the "12-layer
+    convolutional network" of Large-Margin Softmax (Liu et al., ICML 2016) whose features before the last
+    linear layer are plotted, so that layer is 2 wide. Layers as the L-Softmax authors' released MNIST
+    network: 3x3 conv 64; three stages of three 3x3 convs (64, 128, 256), each followed by a 2x2 max-pool
+    rounded up as Caffe does (28 -> 14 -> 7 -> 4); linear 4096 -> 2 (the features), linear 2 -> classes:
+    10 convs + 2 linear layers = 12. Every conv has a bias and is followed by BN + ReLU.
+    choice: no BN or ReLU after the 2-wide layer (theirs, 512 wide, has both), so the plotted features
+    may point anywhere in the plane instead of one quadrant. choice: the shared fan-out init (Caffe's
+    "msra" filler is fan-in: the same for equal widths, sqrt(2) apart at the three widening convs)."""
+    _check_digit_size(image_size)
+    stages, channels = [], 64
+    for width in (64, 128, 256):
+        convs = [_conv_bn_relu(c, width, bias=True) for c in (channels, width, width)]
+        stages.append(nn.Sequential(*convs, nn.MaxPool2d(2, ceil_mode=True)))
+        channels = width
+    stem = nn.Sequential(Digits(), *_conv_bn_relu(1, 64, bias=True))
+    head = Head(nn.Sequential(nn.Flatten(), nn.Linear(256 * 4 * 4, 2)), nn.Linear(2, num_classes))
+    return _kaiming_init(Backbone(stem, stages, head))
 
 
 def _cifar_resnet(block, blocks_per_stage, num_classes, image_size, widths=(16, 32, 64), stem_width=16,
@@ -304,10 +380,18 @@ def _mobilenet(num_classes, image_size):
 def _vgg(config, num_classes, image_size):
     """VGG with batch norm (Simonyan & Zisserman 2015) from torchvision's `make_layers`, in the CIFAR
     layout of RepDistiller's vgg.py: the fifth max-pool becomes global average pooling, then one
-    linear layer. Stem: the first conv; each later stage starts at a max-pool."""
+    linear layer. Stem: the first conv; each later stage starts at a max-pool. As RepDistiller, the
+    fourth max-pool is applied only to 64-px inputs, so at 32 px the last two stages both run at 4x4
+    (32, 16, 8, 4, 4; at 64 px: 64, 32, 16, 8, 4)."""
     layers = list(tvm.vgg.make_layers(tvm.vgg.cfgs[config][:-1], batch_norm=True))
-    starts = [3] + [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)] + [len(layers)]
+    pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
+    starts = [3] + pools + [len(layers)]
     stages = [nn.Sequential(*layers[start:end]) for start, end in zip(starts, starts[1:])]
+    if image_size < 64:
+        # choice: RepDistiller pools here only at exactly 64 px; any size below keeps the 4x4 (and
+        # every larger one pools, so that a 128-px input does not run the last stage at 8x8); an
+        # Identity in the pool's place keeps the parameter names of both sizes the same
+        stages[-1][0] = nn.Identity()
     return _kaiming_init(Backbone(nn.Sequential(*layers[:3]), stages, _pooled_head(512, num_classes)))
 
 
@@ -380,15 +464,6 @@ MSDNET_CONFIGS = {
 }
 
 
-def msd_conv_bn_relu(in_channels, out_channels, kernel_size, stride=1):
-    """Conv (no bias, BN follows) + BN + ReLU, 'same' padding for odd kernels."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
 def msd_dense_conv(in_channels, out_channels, stride, bottleneck, bottleneck_factor):
     """The 3x3 conv that produces new dense features, behind an optional 1x1 bottleneck.
 
@@ -397,9 +472,9 @@ def msd_dense_conv(in_channels, out_channels, stride, bottleneck, bottleneck_fac
     layers = []
     if bottleneck:
         inner = min(in_channels, bottleneck_factor * out_channels)
-        layers.append(msd_conv_bn_relu(in_channels, inner, 1))
+        layers.append(_conv_bn_relu(in_channels, inner, 1))
         in_channels = inner
-    layers.append(msd_conv_bn_relu(in_channels, out_channels, 3, stride))
+    layers.append(_conv_bn_relu(in_channels, out_channels, 3, stride))
     return nn.Sequential(*layers)
 
 
@@ -412,7 +487,7 @@ class MSDStem(nn.Module):
         super().__init__()
         widths = [stem_channels * factor for factor in growth_factors]
         if stem == "cifar":
-            finest = msd_conv_bn_relu(3, widths[0], 3)
+            finest = _conv_bn_relu(3, widths[0], 3)
         elif stem == "imagenet":
             finest = nn.Sequential(
                 nn.Conv2d(3, widths[0], 7, 2, 3),
@@ -422,7 +497,7 @@ class MSDStem(nn.Module):
             )
         else:
             raise ValueError(f"unknown MSDNet stem {stem!r}")
-        coarser = [msd_conv_bn_relu(widths[s - 1], widths[s], 3, 2) for s in range(1, len(widths))]
+        coarser = [_conv_bn_relu(widths[s - 1], widths[s], 3, 2) for s in range(1, len(widths))]
         self.scales = nn.ModuleList([finest] + coarser)
 
     def forward(self, x):
@@ -499,7 +574,7 @@ class MSDTransition(nn.Module):
         super().__init__()
         kept_factors = growth_factors[len(growth_factors) - out_scales:]
         self.convs = nn.ModuleList(
-            msd_conv_bn_relu(channels * factor, reduced_channels * factor, 1) for factor in kept_factors
+            _conv_bn_relu(channels * factor, reduced_channels * factor, 1) for factor in kept_factors
         )
 
     def forward(self, features):
@@ -515,12 +590,12 @@ class MSDExitClassifier(nn.Module):
     def __init__(self, in_channels, hidden_channels, num_classes):
         super().__init__()
         self.features = nn.Sequential(
-            msd_conv_bn_relu(in_channels, hidden_channels, 3, 2),
-            msd_conv_bn_relu(hidden_channels, hidden_channels, 3, 2),
+            _conv_bn_relu(in_channels, hidden_channels, 3, 2),
+            _conv_bn_relu(hidden_channels, hidden_channels, 3, 2),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.linear = nn.Linear(hidden_channels, num_classes)
+        self.linear = FP32Linear(hidden_channels, num_classes)  # fp32 logits under autocast, as every head
 
     def forward(self, x):
         return self.linear(self.features(x))
@@ -647,9 +722,16 @@ _BUILDERS = {
     "densenet121": _densenet121,
     "resnext29_2x64d": partial(_cifar_resnet, Bottleneck, 3, widths=(64, 128, 256), stem_width=64, groups=2,
                                base_width=64),
+    # CSS's WRN-20-8 (Tables 1-2): the CSS authors' `ResNet(Bottleneck, [2, 2, 2], width_per_group=512)`,
+    # i.e. the CIFAR bottleneck ResNet-20 with 8x wider 3x3 convs (16 * 8 = 128, 256, 512), not a
+    # pre-activation WRN (those are the wrn_* entries)
+    "wide_resnet20_8": partial(_cifar_resnet, Bottleneck, 2, base_width=512),
     "se_resnet110": partial(_cifar_resnet, SEBasicBlock, 18),
     "pyramidnet110_a84": partial(_pyramidnet, 110, 84),
     "vit_s16": _vit_s16,
+    # MNIST (1x28x28 digits, or data.py's 3x32x32 MNIST): FDL's one-layer ConvNet of M filters, SiLa's Fig. 6
+    **{f"mnist_onelayer_m{2 ** k}": partial(_mnist_onelayer, 2 ** k) for k in range(10)},
+    "mnist_2d": _mnist_2d,
     **{name: partial(build_msdnet, name) for name in MSDNET_CONFIGS},
 }
 MODEL_NAMES = tuple(_BUILDERS)

@@ -83,6 +83,20 @@ def test_return_features_gives_coarsest_scale_of_each_block():
     assert all(torch.equal(a, b) for a, b in zip(plain, again))
 
 
+@torch.no_grad()
+def test_exit_logits_are_fp32_under_bf16_autocast():
+    """Every exit's classifier layer runs in fp32 under autocast, as every backbone's head (models.FP32Linear)."""
+    torch.manual_seed(0)
+    model = build("msdnet5").eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, features = model(torch.randn(2, 3, 32, 32), return_features=True)
+        hidden = [classifier.features(f) for classifier, f in zip(model.classifiers, features)]
+    assert all(h.dtype == torch.bfloat16 for h in hidden)
+    assert all(out.dtype == torch.float32 for out in logits)
+    for out, classifier, h in zip(logits, model.classifiers, hidden):
+        assert torch.equal(out, classifier.linear(h.float()))
+
+
 def test_cifar_config_runs_at_64():
     model = build_msdnet("msdnet5", 10, 64)
     logits = model(torch.randn(2, 3, 64, 64))
