@@ -23,7 +23,7 @@ prints it, each network's best test-epoch top-1 (selected on the test set); mean
 not stated. Compare the mean over seeds of net1's and net2's `best` top-1 in summary.json, and the ensemble's
 best epoch with "Ensemble"; `deployed` (net1 at the last epoch) is this repository's headline.
 Other rows, the flags added to that command:
-    Table 1 baseline 76.21: --single-network --branches 1 --no-mask;  WRN20-8 81.12 / 81.40: --model wrn20_8
+    Table 1 baseline 76.21: --single-network --branches 1 --no-mask;  WRN20-8 81.12 / 81.40: --model wide_resnet20_8
     Table 2 (branches of both networks ensembled: `ensemble`): 2x2 81.27 --branches 2;  2x3 81.56 (as above)
     Table 4: --net2-model resnet56_bottleneck (net1 80.29, net2 78.70, ensemble 80.54)
     Table 5, all branches ensembled (net1's P for A-B, `ensemble` for C-D; backbone 76.21 as in Table 1):
@@ -260,12 +260,6 @@ def shared_features(stem, shared_stages, x):
     return features
 
 
-def fp32_head(head, features):
-    """The classifier in fp32 even under autocast: bf16 logits carry ~0.4% rounding, as large as the two
-    networks' late-training differences that eq. 7's KL measures (choice, for every loss between networks)."""
-    with torch.autocast(features.device.type, enabled=False):
-        return head(features.float())
-
 
 @torch.no_grad()
 def check_branchable(backbone, use_mask, image_size):
@@ -329,7 +323,7 @@ class MultiBranchNet(torch.nn.Module):
         for j, (stage, head) in enumerate(zip(self.branch_stages, self.heads)):
             output = stage(mask_features(features[-1], j, self.mask_layout) if self.mask_layout else features[-1])
             branch_outputs.append(output)
-            branch_logits.append(fp32_head(head, output))
+            branch_logits.append(head(output))  # models.Head: fp32 logits under autocast
         if return_branches:
             return branch_logits
         logits = self.aggregate(branch_logits)

@@ -213,7 +213,7 @@ def test_one_unmasked_branch_of_one_network_is_the_plain_backbone():
     assert torch.equal(net(images), backbone(images))
 
 
-@pytest.mark.parametrize("model,count", [("resnet110_bottleneck", 3_116_244), ("wrn20_8", 17_508_308)])
+@pytest.mark.parametrize("model,count", [("resnet110_bottleneck", 3_116_244), ("wide_resnet20_8", 17_508_308)])
 def test_bottleneck_networks_are_the_authors_branched_networks(model, count):
     """Tables 1-2's ResNet-110 and WRN-20-8 as the authors build them for CSS (PumpkinsLemon/CSS resnet_css.py,
     `resnet110` / `wide_resnet20_8(num_classes=100, branch=3)`, counted there): stem, layer1 and layer2 shared,
