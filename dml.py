@@ -39,12 +39,21 @@ METHOD = "dml"
 
 # ==== arguments: the common block is identical in every method file ====
 class Parser(argparse.ArgumentParser):
+    """One-line errors; `args.given` lists the flags on the command line (--resume checks them)."""
+
     def error(self, message):  # one clear line instead of the whole usage block
         fail(f"{message} (see --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        parsed = super().parse_args(argv, namespace)
+        parsed.given = [a.dest for a in self._actions if any(x.split("=")[0] in a.option_strings for x in argv)]
+        return parsed
+
 
 def parse_args(argv=None):
-    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    allow_abbrev=False)
     common = parser.add_argument_group("common (identical in every method file)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
@@ -69,7 +78,10 @@ def parse_args(argv=None):
     common.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
     common.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always after the last)")
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
-    common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
+    run = common.add_mutually_exclusive_group()
+    run.add_argument("--resume", default=None, help="continue a run (its folder or checkpoint.pt) with its saved arguments; "
+                     "only --epochs (more), --eval-every and the job's own flags (device, data dir) may change")
+    run.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds one (its files go)")
     common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
     method = parser.add_argument_group("DML (Zhang et al. 2018)")
     method.add_argument("--num-students", type=int, default=2, help="cohort size K (ignored when --models is given)")
@@ -117,6 +129,11 @@ DEPLOYED = "student1"  # each student is deployed alone; the first is reported
 
 
 # ==== scaffolding helpers: identical in every method file ====
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")  # an --out-dir holding one of them holds a run
+JOB_FLAGS = ("resume", "overwrite", "stop_after", "device", "data_dir", "compile", "channels_last")  # this job's, not the run's
+RESUMABLE = ("epochs", "eval_every", *JOB_FLAGS)  # the flags a --resume may change
+
+
 def lr_factor(step, steps_per_epoch, args):
     """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine to 0 at the
     last step (SPEC 1), or x gamma at each milestone epoch."""
@@ -137,8 +154,9 @@ def make_optimizer(params, args, lr=None):
 
 
 def fail(message, code=1):
-    """Stop with one line on stderr naming the script and what was wrong (never a traceback)."""
-    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    """Stop with one line on stderr naming the script and what was wrong (never a traceback): the
+    message's first line (torch's errors run to many)."""
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {str(message).partition(chr(10))[0]}\n")
     sys.exit(code)
 
 
@@ -184,10 +202,26 @@ def find_checkpoint(path):
     return checkpoint
 
 
+def load_checkpoint(path):
+    """This method's checkpoint at `path` (a run folder or its checkpoint.pt), or one line saying what is wrong."""
+    path = find_checkpoint(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - empty, truncated or not a checkpoint: torch raises many types
+        fail(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})")
+    if not isinstance(checkpoint, dict) or not {"method", "epoch", "args", "networks"} <= checkpoint.keys():
+        fail(f"{path} is not a checkpoint written by these scripts")
+    if checkpoint["method"] != METHOD:
+        fail(f"{path} is a {checkpoint['method']} run: resume it with {checkpoint['method']}.py")
+    return path, checkpoint
+
+
 def save_atomic(obj, path):
     """Write to a temporary file and rename, so a kill mid-write never leaves a broken file."""
     tmp = Path(str(path) + ".tmp")
-    if isinstance(obj, dict) and path.suffix == ".json":
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    elif isinstance(obj, dict) and path.suffix == ".json":
         tmp.write_text(json.dumps(obj, indent=2))
     else:
         torch.save(obj, tmp)
@@ -218,13 +252,28 @@ def format_metrics(record):
 
 def main(args):
     # ==== setup: distributed, device, seed, precision (identical in every method file) ====
-    if args.resume:  # continue with the run's own arguments; only these may change
-        checkpoint_path = find_checkpoint(args.resume)
-        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        overrides = {k: getattr(args, k) for k in ("resume", "stop_after", "device", "data_dir", "compile")}
-        args = argparse.Namespace(**{**resumed["args"], **overrides, "out_dir": str(checkpoint_path.parent)})
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    is_main = rank == 0
+    given = vars(args).pop("given", [])
+    if args.resume:  # continue with the run's saved arguments; only RESUMABLE flags may differ
+        checkpoint_path, resumed = load_checkpoint(args.resume)
+        saved = resumed["args"]
+        differ = {k: f"--{k.replace('_', '-')} {getattr(args, k)} (run: {saved.get(k)})" for k in given
+                  if getattr(args, k) != saved.get(k)}
+        if conflicts := [text for k, text in differ.items() if k not in RESUMABLE]:
+            fail(f"--resume keeps the run's arguments, but {', '.join(conflicts)}: start a new run to change them")
+        changes = [k for k in differ if k not in JOB_FLAGS]
+        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*JOB_FLAGS, *changes)},
+                                     "out_dir": str(checkpoint_path.parent)})
+        if args.epochs < resumed["epoch"]:
+            fail(f"--epochs {args.epochs}: the run has already trained {resumed['epoch']} epochs")
+        if resumed["epoch"] == args.epochs and (checkpoint_path.parent / "summary.json").exists():
+            print(f"{METHOD}: the run in {checkpoint_path.parent} is complete ({args.epochs} epochs); nothing to do")
+            return
+        if is_main and changes:
+            print(f"{METHOD}: resuming with {', '.join(differ[k] for k in changes)}"
+                  + ("; the learning-rate schedule now spans the new --epochs" if "epochs" in changes else ""))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if distributed and args.device == "cuda" else args.device)
@@ -234,7 +283,6 @@ def main(args):
         torch.backends.cudnn.benchmark = True
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
     if args.amp == "fp16" and device.type != "cuda":
         fail("--amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
@@ -253,6 +301,8 @@ def main(args):
     run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(args.out_dir or Path("runs") / run_name)
     args.out_dir = str(out_dir)
+    if not args.resume and not args.overwrite and any((out_dir / name).exists() for name in RUN_FILES):
+        fail(f"{out_dir} already holds a run: continue it with --resume {out_dir}, or replace it with --overwrite")
 
     # ==== the method's networks, optimizers and frozen parts ====
     frozen = set()
@@ -273,20 +323,35 @@ def main(args):
                   for name, opt in optimizers.items() if name not in constant_lr}
     start_epoch, train_time, last_eval = 0, 0.0, {}
     if args.resume:
-        for name, net in networks.items():
-            net.load_state_dict(resumed["networks"][name])
-        for name, module in extra_modules.items():
-            module.load_state_dict(resumed["extra"][name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(resumed["optimizers"][name])
-        for name, sched in schedulers.items():
-            sched.load_state_dict(resumed["schedulers"][name])
-        scaler.load_state_dict(resumed["scaler"])
-        set_rng_state(resumed["rng"])
-        start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+        try:
+            for name, net in networks.items():
+                net.load_state_dict(resumed["networks"][name])
+            for name, module in extra_modules.items():
+                module.load_state_dict(resumed["extra"][name])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(resumed["optimizers"][name])
+            for name, sched in schedulers.items():
+                sched.load_state_dict(resumed["schedulers"][name])
+            scaler.load_state_dict(resumed["scaler"])
+            set_rng_state(resumed["rng"])
+            start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+        except (KeyError, ValueError, RuntimeError) as error:
+            fail(f"{checkpoint_path} does not fit the networks its arguments build ({type(error).__name__}: {error})")
     writer = None
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fail(f"cannot create the output folder {out_dir}: {error.strerror}")
+        if args.overwrite:
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+        metrics_path = out_dir / "metrics.jsonl"
+        if args.resume and metrics_path.exists():  # drop lines past the checkpoint (a kill between the two writes)
+            lines = metrics_path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.endswith("\n") and json.loads(line)["epoch"] <= start_epoch]
+            if kept != lines:
+                save_atomic("".join(kept), metrics_path)
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(out_dir)

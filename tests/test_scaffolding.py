@@ -7,10 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TINY_RUN, run_script
-
-METHOD_SCRIPTS = ["tna.py", "dml.py", "sila.py", "fdl.py", "amln.py", "css.py"]
-METHOD_FLAGS = {"fdl.py": ["--pretrain-epochs", "0"]}  # all four FDL sub-steps from the first batch
+from conftest import METHOD_FLAGS, METHOD_SCRIPTS, TINY_RUN, run_script
 
 
 class HostReadbacks(TorchDispatchMode):
