@@ -75,6 +75,39 @@ class Parser(argparse.ArgumentParser):
         return parsed
 
 
+def ranged(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite int or float (`kind`) in [low, high], or in (low, high] when `above`."""
+    accepted = f"{'an integer' if kind is int else 'a number'} {'>' if above else '>='} {low}"
+    accepted += f" and <= {high}" if high < math.inf else ""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")  # argparse names the flag
+        return value
+    return parse
+
+
+positive_int, nonnegative_int, fraction = ranged(int, 1), ranged(int, 0), ranged(float, 0, 1)
+positive_float, nonnegative_float = ranged(float, 0, above=True), ranged(float, 0)
+
+
+def device_name(text):
+    """An argparse type for --device: auto, cpu, cuda or cuda:N, present on this machine."""
+    try:
+        device = torch.device("cpu" if text == "auto" else text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    return text
+
+
 def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     allow_abbrev=False)
@@ -82,36 +115,36 @@ def parse_args(argv=None):
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
-    common.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images")
+    common.add_argument("--subset", type=positive_int, default=None, help="use only the first N training and N test images")
     common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
-    common.add_argument("--seed", type=int, default=0, help="random seed (offset by the rank under torchrun)")
-    common.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
+    common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (offset by the rank under torchrun)")
+    common.add_argument("--device", type=device_name, default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
     common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast precision; fp16 uses a GradScaler (CUDA only)")
     common.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on tensor cores)")
     common.add_argument("--compile", action="store_true", help="torch.compile every network")
-    common.add_argument("--epochs", type=int, default=200, help="training epochs")
-    common.add_argument("--batch-size", type=int, default=256, help="global batch size (split across ranks)")
+    common.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
+    common.add_argument("--batch-size", type=positive_int, default=256, help="global batch size (split across ranks)")
     common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
-    common.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    common.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    common.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
+    common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
+    common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
+    common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
     common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    common.add_argument("--warmup-epochs", type=float, default=0, help="linear learning-rate warm-up")
+    common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
     common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"], help="cosine to 0 per step, or steps at --milestones")
-    common.add_argument("--milestones", type=int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
-    common.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
-    common.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always after the last)")
+    common.add_argument("--milestones", type=positive_int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
+    common.add_argument("--gamma", type=positive_float, default=0.1, help="multistep: lr factor at each milestone")
+    common.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and always after the last)")
     common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
     run = common.add_mutually_exclusive_group()
     run.add_argument("--resume", default=None, help="continue a run (its folder or checkpoint.pt) with its saved arguments; "
                      "only --epochs (more), --eval-every and the job's own flags (device, data dir) may change")
     run.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds one (its files go)")
-    common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
+    common.add_argument("--stop-after", type=positive_int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
     method = parser.add_argument_group("AMLN (paper 003)")
     method.add_argument("--models", default=None, help="two comma-separated architectures, peer 1 and peer 2, with the same number of stages (default: --model twice)")
-    method.add_argument("--temperature", type=float, default=3.0, help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
-    method.add_argument("--beta", type=float, default=1.0, help="weight of the alignment loss L_F (eq. 3)")
-    method.add_argument("--disc-lr", type=float, default=0.003, help="peak lr of the discriminators' own optimizer, on the main schedule (unstated in the paper: 0.003 keeps the game balanced, see the docstring)")
+    method.add_argument("--temperature", type=positive_float, default=3.0, help="softmax temperature T of L_KL, which is scaled by T^2 (eq. 6-8; T = 3 in section 3.3)")
+    method.add_argument("--beta", type=nonnegative_float, default=1.0, help="weight of the alignment loss L_F (eq. 3)")
+    method.add_argument("--disc-lr", type=positive_float, default=0.003, help="peak lr of the discriminators' own optimizer, on the main schedule (unstated in the paper: 0.003 keeps the game balanced, see the docstring)")
     method.add_argument("--adversarial-loss", default="ce", choices=["ce", "probability"], help="network side of eq. 1: non-saturating CE towards the peer's id, or 1 - P(peer id) as eq. 1 is printed")
     method.add_argument("--kl-direction", default="peer_self", choices=["peer_self", "self_peer"], help="KL(rho_peer || rho_self) as DML, or KL(rho_self || rho_peer) as eq. 7 is printed")
     method.add_argument("--sequential", action="store_true", help="Algorithm 1: update peer 1, recompute its outputs, then update peer 2")
@@ -535,8 +568,14 @@ def main(args):
                           augment=args.augment, seed=args.seed, rank=rank, world_size=world_size)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         networks = build_networks(args, data.num_classes, data.image_size)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         fail(f"{error}")
+    sizes = [len(loader.images if hasattr(loader, "images") else loader.dataset) for loader in (data.train, data.test)]
+    if is_main and args.subset and args.subset > min(sizes):
+        print(f"{METHOD}: --subset {args.subset} is more than the data holds: using {sizes[0]} training and {sizes[1]} "
+              "test images")
+    if len(data.train) == 0:  # the last incomplete batch is dropped
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({sizes[0]} images)")
     random.seed(args.seed + rank)  # from here on each rank draws its own random numbers
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)

@@ -118,3 +118,123 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(run_copy, 
     with pytest.raises(KeyboardInterrupt):
         tna.save_atomic({"epoch": 2}, path)
     assert path.read_bytes() == before and torch.load(path, weights_only=True)["epoch"] == 1
+
+
+# ==== arguments ====
+class CapturedParser(Exception):
+    pass
+
+
+def parser_of(module, monkeypatch):
+    """The argument parser a script's parse_args builds (caught as it starts parsing)."""
+    def capture(self, args=None, namespace=None):
+        raise CapturedParser(self)
+
+    monkeypatch.setattr(module.Parser, "parse_args", capture)
+    with pytest.raises(CapturedParser) as captured:
+        module.parse_args([])
+    return captured.value.args[0]
+
+
+@pytest.mark.parametrize("script", METHOD_SCRIPTS)
+def test_every_numeric_flag_is_range_checked_at_parse_time(script, monkeypatch):
+    """No flag parses a bare int or float: each numeric one has a validator refusing nan and infinity."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    checked = 0
+    for action in parser_of(module, monkeypatch)._actions:
+        assert action.type not in (int, float), f"{script} {action.option_strings[0]}: type={action.type.__name__}"
+        if action.type not in (None, str, module.device_name):
+            for bad in ("nan", "inf", "-inf", "x"):
+                with pytest.raises(argparse.ArgumentTypeError):
+                    action.type(bad)
+            checked += 1
+    assert checked >= 12  # the common block's numeric flags at least
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--subset", "0"], "--subset: expected an integer >= 1, got '0'"),
+    (["--subset", "-5"], "--subset"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["--epochs", "-1"], "--epochs: expected an integer >= 1"),
+    (["--lr", "nan"], "--lr: expected a number > 0, got 'nan'"),
+    (["--lr", "-0.1"], "--lr: expected a number > 0"),
+    (["--weight-decay", "inf"], "--weight-decay: expected a number >= 0"),
+    (["--momentum", "1.5"], "--momentum: expected a number >= 0 and <= 1"),
+    (["--eval-every", "0"], "--eval-every: expected an integer >= 1"),
+    (["--stop-after", "0"], "--stop-after: expected an integer >= 1"),
+    (["--milestones", "100", "1e9x"], "--milestones: expected an integer >= 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs: expected a number >= 0"),
+    (["--gamma", "0"], "--gamma: expected a number > 0"),
+    (["--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["--device", "nonsense"], "--device: expected auto, cpu, cuda or cuda:N, got 'nonsense'"),
+    (["--resume", "run", "--overwrite"], "--overwrite: not allowed with argument --resume"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch"),  # no abbreviations: a typo is not taken for --epochs
+])
+def test_bad_common_flags_give_one_line_naming_the_flag_and_range(argv, expected, capsys):
+    import dml
+    from conftest import parse_error
+
+    assert expected in parse_error(dml.parse_args, argv, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_line(tmp_path):
+    one_line_error(run_script("tna.py", *FAKE, "--device", "cuda", "--out-dir", tmp_path / "run"), "--device", "CUDA")
+    assert not (tmp_path / "run").exists()
+
+
+def test_subset_beyond_the_data_says_what_it_uses_and_a_batch_beyond_the_training_set_is_refused(tmp_path):
+    result = run_script("tna.py", *FAKE, "--subset", "5000", "--batch-size", "2048", "--out-dir", tmp_path / "run")
+    assert "--subset 5000 is more than the data holds: using 1024 training and 256 test images" in result.stdout
+    one_line_error(result, "--batch-size 2048 is larger than the training set (1024 images)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("in_the_way", ["the folder", "a parent"])
+def test_an_output_folder_that_cannot_be_created_is_one_line_naming_it(in_the_way, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" if in_the_way == "the folder" else tmp_path / "file" / "run"
+    one_line_error(run_script("tna.py", *FAKE, "--out-dir", out), f"cannot create the output folder {out}")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+# ==== checkpoints ====
+def break_checkpoint(path, fault):
+    """Damage a run's checkpoint.pt as `fault` says."""
+    checkpoint = torch.load(path, weights_only=True)
+    if fault == "empty":
+        path.write_bytes(b"")
+    elif fault == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif fault == "not a checkpoint":
+        torch.save([1, 2, 3], path)
+    elif fault == "other networks":  # its arguments build resnet18s; the weights are a convnet's
+        checkpoint["args"]["model"] = "resnet18"
+        torch.save(checkpoint, path)
+    elif fault == "missing network":
+        del checkpoint["networks"]["twin"]
+        torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("empty", "is not a readable checkpoint"), ("truncated", "is not a readable checkpoint"),
+    ("not a checkpoint", "is not a checkpoint written by these scripts"),
+    ("other networks", "does not fit the networks its arguments build"),
+    ("missing network", "does not fit the networks its arguments build (KeyError: 'twin')"),
+])
+def test_a_broken_checkpoint_is_one_line_naming_it_and_nothing_changes(fault, expected, run_copy):
+    (run_copy / "summary.json").unlink()  # an unfinished run, so the resume would train
+    break_checkpoint(run_copy / "checkpoint.pt", fault)
+    before = snapshot(run_copy)
+    one_line_error(run_script("tna.py", "--resume", run_copy), run_copy / "checkpoint.pt", expected)
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("script", ["dml.py", "css.py"])
+def test_a_checkpoint_of_another_method_is_one_line_naming_the_right_script(script, run_copy):
+    before = snapshot(run_copy)
+    one_line_error(run_script(script, "--resume", run_copy), run_copy / "checkpoint.pt", "is a tna run: resume it with tna.py")
+    assert snapshot(run_copy) == before
