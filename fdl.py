@@ -107,31 +107,33 @@ def parse_args(argv=None):
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
-    common.add_argument("--subset", type=positive_int, default=None, help="use only the first N training and N test images")
+    common.add_argument("--subset", type=positive_int, help="use only the first N training and N test images")
     common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
-    common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (offset by the rank under torchrun)")
-    common.add_argument("--device", type=device_name, default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
-    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast precision; fp16 uses a GradScaler (CUDA only)")
-    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on tensor cores)")
+    common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (+ rank under torchrun)")
+    common.add_argument("--device", type=device_name, default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"],
+                        help="autocast precision; fp16 uses a GradScaler")
+    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (tensor cores)")
     common.add_argument("--compile", action="store_true", help="torch.compile every network")
     common.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     common.add_argument("--batch-size", type=positive_int, default=256, help="global batch size (split across ranks)")
     common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
     common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
-    common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
+    common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
     common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
-    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"], help="cosine to 0 per step, or steps at --milestones")
-    common.add_argument("--milestones", type=positive_int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
+    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"],
+                        help="cosine to 0 per step, or x --gamma at each of --milestones")
+    common.add_argument("--milestones", type=positive_int, nargs="+", default=[150, 225], help="multistep: epochs")
     common.add_argument("--gamma", type=positive_float, default=0.1, help="multistep: lr factor at each milestone")
-    common.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and always after the last)")
-    common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
+    common.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs and after the last")
+    common.add_argument("--out-dir", help="output folder (default runs/<method>__<models>__<dataset>__<seed>__<time>)")
     run = common.add_mutually_exclusive_group()
-    run.add_argument("--resume", default=None, help="continue a run (its folder or checkpoint.pt) with its saved arguments; "
-                     "only --epochs (more), --eval-every and the job's own flags (device, data dir) may change")
-    run.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds one (its files go)")
-    common.add_argument("--stop-after", type=positive_int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
+    run.add_argument("--resume", help="continue a run (its folder or checkpoint.pt) with its saved arguments; only "
+                     "--epochs (more), --eval-every and this job's --device, --data-dir, --stop-after... may change")
+    run.add_argument("--overwrite", action="store_true", help="start anew in an --out-dir holding a run (its files go)")
+    common.add_argument("--stop-after", type=positive_int, help="stop after this epoch (--resume continues the run)")
     method = parser.add_argument_group("FDL (paper 002, authors' code)")
     method.add_argument("--num-nets", type=positive_int, default=2, help="number N of identical networks in the pool (2 to 4)")
     method.add_argument("--pretrain-epochs", type=nonnegative_int, default=1, help="epochs of plain CE per network before the four sub-steps start")
@@ -231,13 +233,13 @@ DEPLOYED = "head"  # the ensemble head over the bases' logits ("FDL Ensemble arc
 
 # ==== scaffolding helpers: identical in every method file ====
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")  # an --out-dir holding one of them holds a run
-JOB_FLAGS = ("resume", "overwrite", "stop_after", "device", "data_dir", "compile", "channels_last")  # this job's, not the run's
+JOB_FLAGS = ("resume", "overwrite", "stop_after", "device", "data_dir", "compile", "channels_last")  # not the run's
 RESUMABLE = ("epochs", "eval_every", *JOB_FLAGS)  # the flags a --resume may change
 
 
 def lr_factor(step, steps_per_epoch, args):
     """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine to 0 at the
-    last step (SPEC 1), or x gamma at each milestone epoch."""
+    last step, or x gamma at each milestone epoch."""
     warmup_steps = args.warmup_epochs * steps_per_epoch
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -293,6 +295,15 @@ def evaluate(predict, loader, autocast, distributed):
         top1, top5, nll, count = total.tolist()
         results[name] = {"top1": top1 / count, "top5": top5 / count, "nll": nll / count}
     return results
+
+
+def average_buffers(modules):
+    """Under torchrun each rank's BatchNorm tracked the statistics of its own batches: average them, so that
+    every rank evaluates and rank 0 saves the same networks."""
+    for module in modules:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
 
 
 def find_checkpoint(path):
@@ -357,6 +368,8 @@ def main(args):
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     is_main = rank == 0
     given = vars(args).pop("given", [])
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes (use a multiple)")
     if args.resume:  # continue with the run's saved arguments; only RESUMABLE flags may differ
         checkpoint_path, resumed = load_checkpoint(args.resume)
         saved = resumed["args"]
@@ -384,10 +397,8 @@ def main(args):
         torch.backends.cudnn.benchmark = True
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.amp == "fp16" and device.type != "cuda":
-        fail("--amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     try:
         data = build_data(args.dataset, args.data_dir, args.batch_size // world_size, device, subset=args.subset,
@@ -416,8 +427,6 @@ def main(args):
     names = list(networks)
     recorders = {name: ConvOutputRecorder(net) for name, net in networks.items()}
     head = torch.nn.Linear(len(names) * data.num_classes, data.num_classes).to(device)  # the authors' Conv1d(N*C, C, 1)
-    # the head is not an image network, so the scaffolding does not wrap it: DDP here all-reduces its gradients
-    train_head = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None) if distributed else head
     bases = [p for net in networks.values() for p in net.parameters()]
     # choice: one "main" optimizer for the CE sub-step of all bases; SGD (and AdamW) act per parameter and each
     # CE reaches only its own network, so it steps exactly like the authors' one SGD per network
@@ -437,10 +446,13 @@ def main(args):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for module in [*networks.values(), *extra_modules.values()]:
         module.to(device, memory_format=memory_format)
-    train_nets = {name: torch.compile(net) if args.compile else net for name, net in networks.items()}
-    if distributed:
-        train_nets = {name: net if name in frozen else DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-                      for name, net in train_nets.items()}
+    def ddp(module):  # under torchrun every trainable module (network, head, discriminator) all-reduces its gradients
+        if not (distributed and any(p.requires_grad for p in module.parameters())):
+            return module
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_nets = {name: ddp(torch.compile(net) if args.compile else net) for name, net in networks.items()}
+    train_extra = {name: ddp(module) for name, module in extra_modules.items()}  # noqa: F841 - for the method's step
     steps_per_epoch = len(data.train)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, args))
                   for name, opt in optimizers.items() if name not in constant_lr}
@@ -480,8 +492,9 @@ def main(args):
             writer = SummaryWriter(out_dir)
         except ImportError:  # tensorboard is optional
             pass
-        print(f"{METHOD}: {', '.join(f'{n} {sum(p.numel() for p in m.parameters()):,} params' for n, m in networks.items())} "
-              f"| {data.num_classes} classes | {steps_per_epoch} steps/epoch | {device} x{world_size} | {args.amp} | -> {out_dir}"
+        params = ", ".join(f"{name} {sum(p.numel() for p in n.parameters()):,} params" for name, n in networks.items())
+        print(f"{METHOD}: {params} | {data.num_classes} classes | {steps_per_epoch} steps/epoch | "
+              f"{device} x{world_size} | {args.amp} | -> {out_dir}"
               + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
 
     # ==== the method's training step and evaluation outputs ====
@@ -532,7 +545,7 @@ def main(args):
         head_ce = not_run
         if joint:
             with autocast():
-                head_ce = F.cross_entropy(train_head(frozen_base_logits(list(networks.values()), images)).float(), labels)
+                head_ce = F.cross_entropy(train_extra["head"](frozen_base_logits(list(networks.values()), images)).float(), labels)
             optimizer_step("head", head_ce)
         per_network = {f"ce_{name}": ce for name, ce in ces.items()}
         return {**per_network, "similarity": similarity, "fdl": fdl, "feature_diff": feature_diff, "head_ce": head_ce}
@@ -554,16 +567,17 @@ def main(args):
             images = images.contiguous(memory_format=memory_format)
             terms = train_step(images, labels, epoch)
             for scheduler in schedulers.values():
-                scheduler.step()  # per iteration (SPEC 1)
+                scheduler.step()  # per iteration: the lr follows lr_factor step by step
             # the loss terms stay on the device as one running sum, read once per epoch: no host sync per step
             values = torch.stack([value.detach().float() for value in terms.values()])
             loss_sums = values if loss_sums is None else loss_sums + values
             # a sum stays non-finite once a term was, so this counts the steps before the first bad one
             finite_steps += loss_sums.isfinite().all()
-            if (step % 50 == 49 or step == steps_per_epoch - 1) and finite_steps.item() <= step:  # one sync per 50 steps
+            # one sync per 50 steps
+            if (step % 50 == 49 or step == steps_per_epoch - 1) and finite_steps.item() <= step:
                 bad_terms = ", ".join(name for name, finite in zip(terms, loss_sums.isfinite().tolist()) if not finite)
-                fail(f"non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {finite_steps.item() + 1}; "
-                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact", code=3)
+                fail(f"non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {finite_steps.item() + 1}; lower --lr "
+                     f"or the method's loss weight; the last checkpoint in {out_dir} is intact", code=3)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - epoch_start
@@ -571,7 +585,9 @@ def main(args):
         losses = loss_sums / steps_per_epoch
         if distributed:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)
-        record = {"epoch": epoch + 1, "epochs": args.epochs, "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
+            average_buffers([*networks.values(), *extra_modules.values()])
+        record = {"epoch": epoch + 1, "epochs": args.epochs,
+                  "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
                   "losses": dict(zip(terms, losses.tolist())),
                   "images_per_s": steps_per_epoch * args.batch_size / epoch_time,
                   "eta_s": epoch_time * (args.epochs - epoch - 1)}

@@ -69,7 +69,8 @@ def run_script(script, *args, timeout=600, env=None, launcher=None, isolated=Fal
 
 
 # A tiny, fast configuration every end-to-end test of a method script starts from.
-TINY_RUN = ["--model", "convnet", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--amp", "off", "--lr", "0.05"]
+TINY_RUN = ["--model", "convnet", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--amp", "off",
+            "--lr", "0.05"]
 METHOD_SCRIPTS = ["tna.py", "dml.py", "sila.py", "fdl.py", "amln.py", "css.py"]
 METHOD_FLAGS = {"fdl.py": ["--pretrain-epochs", "0"]}  # FDL: all four sub-steps from the first batch of a 1-epoch run
 

@@ -51,7 +51,8 @@ def test_a_new_run_never_overwrites_a_run_in_its_out_dir(script, tmp_path):
     for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
         (out / name).write_text(f"an earlier run's {name}")
     before = snapshot(out)
-    one_line_error(run_script(script, *FAKE, *METHOD_FLAGS.get(script, []), "--out-dir", out), out, "--resume", "--overwrite")
+    result = run_script(script, *FAKE, *METHOD_FLAGS.get(script, []), "--out-dir", out)
+    one_line_error(result, out, "--resume", "--overwrite")
     assert snapshot(out) == before
 
 
@@ -236,5 +237,6 @@ def test_a_broken_checkpoint_is_one_line_naming_it_and_nothing_changes(fault, ex
 @pytest.mark.parametrize("script", ["dml.py", "css.py"])
 def test_a_checkpoint_of_another_method_is_one_line_naming_the_right_script(script, run_copy):
     before = snapshot(run_copy)
-    one_line_error(run_script(script, "--resume", run_copy), run_copy / "checkpoint.pt", "is a tna run: resume it with tna.py")
+    result = run_script(script, "--resume", run_copy)
+    one_line_error(result, run_copy / "checkpoint.pt", "is a tna run: resume it with tna.py")
     assert snapshot(run_copy) == before

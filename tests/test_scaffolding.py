@@ -1,20 +1,25 @@
 """The training scaffolding every method file shares: no host read-back of device values per step
 (on CUDA each one stalls the launch queue), and a diverging run stops at once with exit 3 and an
-intact checkpoint (SPEC section 1)."""
+intact checkpoint; fp16 on CPU; torchrun keeps every rank's networks equal."""
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import METHOD_FLAGS, METHOD_SCRIPTS, TINY_RUN, run_script
+from conftest import METHOD_FLAGS, METHOD_SCRIPTS, REPO, TINY_RUN, check_resume_equals_uninterrupted, run_script
 
 
 class HostReadbacks(TorchDispatchMode):
     """Counts the operations that copy a device value to the host (or need its value to size their
     output): on CUDA each is a synchronisation. `Tensor.tolist` bypasses the dispatcher, so it is
     counted by wrapping it."""
-    READBACK_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim"}
+    READBACK_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2",
+                    "aten.unique_dim"}
 
     def __init__(self, monkeypatch):
         super().__init__()
@@ -68,4 +73,92 @@ def test_divergence_exits_3_naming_term_epoch_and_step_and_keeps_the_checkpoint(
     assert "lower --lr" in message and str(out) in message
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and not (out / "summary.json").exists()
-    assert all(torch.isfinite(value).all() for value in checkpoint["networks"]["base"].values() if value.is_floating_point())
+    weights = checkpoint["networks"]["base"].values()
+    assert all(torch.isfinite(value).all() for value in weights if value.is_floating_point())
+
+
+# ==== fp16 with a GradScaler (also on CPU) ====
+def test_fp16_scaler_skips_an_overflowing_step_and_halves_its_scale():
+    from tna import backward_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    images = torch.randn(8, 4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(images).float().pow(2).mean()
+    before = [p.detach().clone() for p in model.parameters()]
+    backward_step(loss * float("inf"), scaler, optimizer)  # every gradient overflows: the step is skipped
+    assert scaler.get_scale() == 2.0**9
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(images).float().pow(2).mean()
+    backward_step(loss, scaler, optimizer)  # a finite step changes the weights
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_fp16_on_cpu_trains_and_resumes_exactly(tmp_path):
+    fp16 = [*TINY_RUN, "--dataset", "fake", "--subset", "64", "--batch-size", "32", "--amp", "fp16"]
+    straight, split = check_resume_equals_uninterrupted("tna.py", fp16, tmp_path)
+    checkpoint = torch.load(split / "checkpoint.pt", weights_only=True)
+    assert checkpoint["args"]["amp"] == "fp16" and checkpoint["scaler"]["scale"] > 1  # the scaler ran and was saved
+
+
+# ==== torchrun ====
+# A method script's main under torchrun; after each epoch's averaging of the BatchNorm statistics, rank 0
+# logs the largest difference between ranks of the parameters (DDP) and the buffers (averaged) of every module.
+PROBE = """
+import json, os, sys
+sys.path.insert(0, os.environ["REPO"])
+import torch, torch.distributed as dist
+module = __import__(sys.argv[1])
+average_buffers = module.average_buffers
+
+def checked(modules):
+    if os.environ["AVERAGE"] == "1":
+        average_buffers(modules)
+    result = {}
+    for kind in ("parameters", "buffers"):
+        mine = torch.cat([t.detach().float().flatten() for m in modules for t in getattr(m, kind)()])
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        result[kind] = max((e - mine).abs().max().item() for e in every)
+    if dist.get_rank() == 0:
+        with open(os.environ["PROBE_OUT"], "a") as out:
+            out.write(json.dumps(result) + "\\n")
+
+module.average_buffers = checked
+module.main(module.parse_args(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, average", [("tna", True), ("fdl", True), ("amln", True), ("tna", False)])
+def test_under_torchrun_every_rank_holds_the_same_networks_and_extra_modules(script, average, tmp_path):
+    """Two CPU processes on different batches: DDP keeps the parameters of every trainable module equal
+    (FDL's head and AMLN's discriminators included) and the BatchNorm running statistics, which each rank
+    tracks on its own batches, are averaged before evaluating and saving (without it they differ)."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               str(tmp_path / "probe.py"), script, "--model", "resnet20", "--dataset", "fake", "--subset", "128",
+               "--batch-size", "64", "--epochs", "1", "--amp", "off", "--out-dir", tmp_path / "run",
+               *METHOD_FLAGS.get(f"{script}.py", [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REPO": str(REPO), "AVERAGE": str(int(average)),
+           "PROBE_OUT": str(tmp_path / "probe.jsonl")}
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checks,) = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert checks["parameters"] == 0
+    assert (checks["buffers"] == 0) == average, checks
+
+
+def test_a_global_batch_the_processes_do_not_divide_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    result = run_script("tna.py", *TINY_RUN, "--dataset", "fake", "--batch-size", "63", "--out-dir", tmp_path / "run")
+    assert result.returncode == 1 and not (tmp_path / "run").exists()
+    expected = "tna.py: error: --batch-size 63 is not divisible by the 2 processes (use a multiple)"
+    assert result.stderr.strip() == expected

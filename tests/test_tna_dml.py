@@ -2,7 +2,7 @@
 and the scripts end to end (outputs, resume, torchrun, learning, bad input)."""
 import json
 import math
-import shutil
+import sys
 
 import pytest
 import torch
@@ -104,8 +104,9 @@ def test_resumed_run_equals_uninterrupted_run(script, cifar10_small, tmp_path):
     check_resume_equals_uninterrupted(script, [*TINY_RUN, "--dataset", cifar10_small], tmp_path)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(cifar10_small, tmp_path):
-    torchrun = [shutil.which("torchrun") or "torchrun", "--nproc_per_node=2", "--master_port=29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
     result = run_script("tna.py", *TINY_RUN, "--dataset", cifar10_small, "--out-dir", tmp_path / "ddp",
                         launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
