@@ -125,7 +125,8 @@ def parse_args(argv=None):
     common.add_argument("--compile", action="store_true", help="torch.compile every network")
     common.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     common.add_argument("--batch-size", type=positive_int, default=256, help="global batch size (split across ranks)")
-    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
+    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                        help="optimizer of the networks (adam: L2 weight decay; adamw: decoupled)")
     common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
@@ -424,10 +425,10 @@ def lr_factor(step, steps_per_epoch, args):
 
 
 def make_optimizer(params, args, lr=None):
-    lr = args.lr if lr is None else lr
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
+    settings = dict(lr=args.lr if lr is None else lr, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=args.momentum, nesterov=args.nesterov, **settings)
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer](params, **settings)
 
 
 def fail(message, code=1):
@@ -450,24 +451,25 @@ def backward_step(loss, scaler, *optimizers):
 
 @torch.no_grad()
 def evaluate(predict, loader, autocast, distributed):
-    """Top-1, top-5 and NLL of every output of `predict` (name -> logits) over the test set."""
+    """Top-1, top-2, top-5 accuracy and NLL of every output of `predict` (name -> logits) over a loader."""
     sums = {}
     for images, labels in loader:
         with autocast():
             outputs = predict(images)
         for name, logits in outputs.items():
             logits = logits.float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            # hits[k]: images whose label is among the top k + 1 (cumsum of the one-hot rank of the label)
+            hits = (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).cumsum(1).sum(0)
             # sums stay on the device (torch.full, unlike torch.tensor, copies nothing from the host): no sync per batch
-            batch = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
-                                 F.cross_entropy(logits, labels, reduction="sum"), torch.full((), len(labels), device=labels.device)]).double()
+            batch = torch.stack([hits[0], hits[1], hits[-1], F.cross_entropy(logits, labels, reduction="sum"),
+                                 torch.full((), len(labels), device=labels.device)]).double()
             sums[name] = sums[name] + batch if name in sums else batch
     results = {}
     for name, total in sums.items():
         if distributed:
             dist.all_reduce(total)
-        top1, top5, nll, count = total.tolist()
-        results[name] = {"top1": top1 / count, "top5": top5 / count, "nll": nll / count}
+        *sums_, count = total.tolist()
+        results[name] = {key: value / count for key, value in zip(("top1", "top2", "top5", "nll"), sums_)}
     return results
 
 
@@ -627,7 +629,7 @@ def main(args):
     steps_per_epoch = len(data.train)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, args))
                   for name, opt in optimizers.items() if name not in constant_lr}
-    start_epoch, train_time, last_eval = 0, 0.0, {}
+    start_epoch, train_time, last_eval, best = 0, 0.0, {}, {}
     if args.resume:
         try:
             for name, net in networks.items():
@@ -640,7 +642,8 @@ def main(args):
                 sched.load_state_dict(resumed["schedulers"][name])
             scaler.load_state_dict(resumed["scaler"])
             set_rng_state(resumed["rng"])
-            start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+            start_epoch, train_time = resumed["epoch"], resumed["train_time_s"]
+            last_eval, best = resumed["last_eval"], resumed["best"]
         except (KeyError, ValueError, RuntimeError) as error:
             fail(f"{checkpoint_path} does not fit the networks its arguments build ({type(error).__name__}: {error})")
     writer = None
@@ -719,8 +722,15 @@ def main(args):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             for net in networks.values():
                 net.eval()
-            last_eval = evaluate(predict, data.test, autocast, distributed)
-            record["test"] = last_eval
+            scores = evaluate(predict, data.test, autocast, distributed)
+            names = [name for name in networks if name in scores]  # the cohort's networks among the outputs
+            for name, score in scores.items():
+                if score["top1"] > best.get(name, {"top1": -1.0})["top1"]:
+                    best[name] = {"top1": score["top1"], "epoch": epoch + 1}
+            mean = {key: sum(scores[name][key] for name in names) / len(names) for key in scores[names[0]]}
+            # the best epoch of each output is chosen by looking at the test set: an optimistic number
+            last_eval = {"test": scores, "networks_mean": mean, "best": {"selected_on": "test", "outputs": dict(best)}}
+            record.update(last_eval)
         if is_main:
             print(format_metrics(record), flush=True)
             with open(out_dir / "metrics.jsonl", "a") as log:
@@ -737,14 +747,15 @@ def main(args):
                          "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
                          "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
                          "scaler": scaler.state_dict(), "rng": rng_state(), "train_time_s": train_time,
-                         "last_eval": last_eval}, out_dir / "checkpoint.pt")
-    if is_main and last_epoch == args.epochs:
-        outputs = dict(last_eval)
+                         "last_eval": last_eval, "best": best}, out_dir / "checkpoint.pt")
+    if is_main and last_epoch == args.epochs:  # the headline is the final epoch; the rest of last_eval beside it
+        outputs = dict(last_eval["test"])
         ensemble = outputs.pop("ensemble", None)
-        save_atomic({"method": METHOD, "deployed_network": DEPLOYED, "deployed": last_eval.get(DEPLOYED),
-                     "networks": outputs, "ensemble": ensemble, "epochs": args.epochs, "args": vars(args),
-                     "train_time_s": train_time}, out_dir / "summary.json")
-        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval[DEPLOYED]['top1']:.4f} -> {out_dir / 'summary.json'}")
+        save_atomic({"format_version": 2, "method": METHOD, "deployed_network": DEPLOYED,
+                     "deployed": last_eval["test"].get(DEPLOYED),
+                     "networks": outputs, "ensemble": ensemble, **{k: v for k, v in last_eval.items() if k != "test"},
+                     "epochs": args.epochs, "args": vars(args), "train_time_s": train_time}, out_dir / "summary.json")
+        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval['test'][DEPLOYED]['top1']:.4f} -> {out_dir}/summary.json")
     if writer:
         writer.close()
     if distributed:

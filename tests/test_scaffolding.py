@@ -162,3 +162,66 @@ def test_a_global_batch_the_processes_do_not_divide_is_refused(monkeypatch, tmp_
     assert result.returncode == 1 and not (tmp_path / "run").exists()
     expected = "tna.py: error: --batch-size 63 is not divisible by the 2 processes (use a multiple)"
     assert result.stderr.strip() == expected
+
+
+# ==== what a run reports ====
+def independent_scores(logits, labels):
+    """Top-1/2/5 and NLL computed with numpy from a ranking of the classes, not with the scripts' code."""
+    import numpy as np
+
+    logits, labels = logits.double().numpy(), labels.numpy()
+    ranking = np.argsort(-logits, axis=1)
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    scores = {f"top{k}": float((ranking[:, :k] == labels[:, None]).any(1).mean()) for k in (1, 2, 5)}
+    return {**scores, "nll": float(-log_probs[np.arange(len(labels)), labels].mean())}
+
+
+@pytest.mark.parametrize("script", ["tna.py", "fdl.py"])  # fdl: the deployed head is an output but no network
+def test_top2_mean_of_networks_and_best_epoch_agree_with_an_independent_computation(script, tmp_path):
+    import argparse
+    import importlib
+
+    from data import build_data
+
+    out = tmp_path / "run"
+    result = run_script(script, *TINY_RUN, "--dataset", "fake", "--subset", "128", "--epochs", "3", "--lr", "0.2",
+                        "--out-dir", out, *METHOD_FLAGS.get(script, []))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    args = argparse.Namespace(**checkpoint["args"])
+    module = importlib.import_module(script[:-3])
+    networks = module.build_networks(args, checkpoint["num_classes"], checkpoint["image_size"])
+    test = build_data(args.dataset, args.data_dir, args.batch_size, "cpu", subset=args.subset).test
+    with torch.no_grad():
+        for name, net in networks.items():
+            net.load_state_dict(checkpoint["networks"][name])
+            logits = torch.cat([net.eval()(images) for images, _ in test])
+            expected = independent_scores(logits, torch.cat([labels for _, labels in test]))
+            assert summary["networks"][name] == pytest.approx(expected, abs=1e-6), name
+    assert summary["format_version"] == 2 and summary["deployed"] == summary["networks"][module.DEPLOYED]
+    assert summary["networks_mean"] == pytest.approx(
+        {key: sum(summary["networks"][name][key] for name in networks) / len(networks) for key in expected})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all({"top1", "top2", "top5", "nll"} == set(r["test"]["ensemble"]) and "networks_mean" in r for r in records)
+    assert summary["best"]["selected_on"] == "test"
+    for name, best in summary["best"]["outputs"].items():
+        curve = [r["test"][name]["top1"] for r in records]
+        assert best == {"top1": max(curve), "epoch": curve.index(max(curve)) + 1}, name
+    assert records[-1]["best"] == summary["best"]
+
+
+def test_optimizer_adam_is_plain_adam_with_l2_weight_decay(tmp_path):
+    import tna
+
+    args = tna.parse_args(["--optimizer", "adam", "--lr", "1e-3", "--weight-decay", "0.05"])
+    optimizer = tna.make_optimizer(torch.nn.Linear(2, 2).parameters(), args)
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["weight_decay"] == 0.05
+    assert not optimizer.defaults.get("decoupled_weight_decay", False)
+    out = tmp_path / "run"
+    result = run_script("tna.py", *TINY_RUN, "--dataset", "fake", "--subset", "128", "--optimizer", "adam",
+                        "--lr", "1e-3", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["optimizers"]["main"]["state"]
+    assert all("exp_avg_sq" in s for s in state.values())
