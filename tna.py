@@ -95,6 +95,8 @@ def parse_args(argv=None):
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
     common.add_argument("--subset", type=positive_int, help="use only the first N training and N test images")
     common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
+    common.add_argument("--holdout", type=nonnegative_int, default=0,
+                        help="keep N training images out of training (seeded, class-stratified; run/holdout.json)")
     common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (+ rank under torchrun)")
     common.add_argument("--device", type=device_name, default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"],
@@ -176,7 +178,7 @@ DEPLOYED = "base"  # inference uses the base only (section 3.1)
 
 
 # ==== scaffolding helpers: identical in every method file ====
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")  # an --out-dir holding one of them holds a run
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "holdout.json")  # an --out-dir with one holds a run
 JOB_FLAGS = ("resume", "overwrite", "stop_after", "device", "data_dir", "compile", "channels_last")  # not the run's
 RESUMABLE = ("epochs", "eval_every", *JOB_FLAGS)  # the flags a --resume may change
 
@@ -347,7 +349,7 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     try:
         data = build_data(args.dataset, args.data_dir, args.batch_size // world_size, device, subset=args.subset,
-                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size)
+                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size, holdout=args.holdout)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         networks = build_networks(args, data.num_classes, data.image_size)
     except (ValueError, OSError) as error:
@@ -425,6 +427,8 @@ def main(args):
         if args.overwrite:
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
+        if args.holdout and not args.resume:  # which training images this run never trained on
+            save_atomic({"indices": data.holdout_indices}, out_dir / "holdout.json")
         metrics_path = out_dir / "metrics.jsonl"
         if args.resume and metrics_path.exists():  # drop lines past the checkpoint (a kill between the two writes)
             lines = metrics_path.read_text().splitlines(keepends=True)
@@ -524,11 +528,11 @@ def main(args):
     if is_main and last_epoch == args.epochs:  # the headline is the final epoch; the rest of last_eval beside it
         outputs = dict(last_eval["test"])
         ensemble = outputs.pop("ensemble", None)
-        save_atomic({"format_version": 2, "method": METHOD, "deployed_network": DEPLOYED,
-                     "deployed": last_eval["test"].get(DEPLOYED),
+        deployed = last_eval["test"][DEPLOYED]
+        save_atomic({"format_version": 2, "method": METHOD, "deployed_network": DEPLOYED, "deployed": deployed,
                      "networks": outputs, "ensemble": ensemble, **{k: v for k, v in last_eval.items() if k != "test"},
                      "epochs": args.epochs, "args": vars(args), "train_time_s": train_time}, out_dir / "summary.json")
-        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval['test'][DEPLOYED]['top1']:.4f} -> {out_dir}/summary.json")
+        print(f"{METHOD}: deployed {DEPLOYED} top-1 {deployed['top1']:.4f} -> {out_dir / 'summary.json'}")
     if writer:
         writer.close()
     if distributed:

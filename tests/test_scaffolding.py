@@ -225,3 +225,20 @@ def test_optimizer_adam_is_plain_adam_with_l2_weight_decay(tmp_path):
     assert result.returncode == 0, result.stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)["optimizers"]["main"]["state"]
     assert all("exp_avg_sq" in s for s in state.values())
+
+
+def test_holdout_keeps_its_images_out_of_training_and_names_them(tmp_path):
+    import inspect
+
+    from data import build_data
+
+    if "holdout" not in inspect.signature(build_data).parameters:
+        pytest.skip("data.py has no build_data(holdout=N) yet")
+    out = tmp_path / "run"
+    result = run_script("tna.py", *TINY_RUN, "--dataset", "fake", "--subset", "160", "--holdout", "32",
+                        "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    indices = json.loads((out / "holdout.json").read_text())["indices"]
+    data = build_data("fake", batch_size=64, subset=160, seed=0, holdout=32)
+    assert indices == data.holdout_indices and len(set(indices)) == 32
+    assert "2 steps/epoch" in result.stdout  # 128 training images left: two batches of 64
