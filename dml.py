@@ -211,8 +211,10 @@ def backward_step(loss, scaler, *optimizers):
 
 @torch.no_grad()
 def evaluate(predict, loader, autocast, distributed):
-    """Top-1, top-2, top-5 accuracy and NLL of every output of `predict` (name -> logits) over a loader."""
-    sums = {}
+    """Top-1, top-2, top-5 accuracy and NLL of every output of `predict` (name -> logits) over a loader; and the
+    means of a method's own metrics when it sets `predict.metrics(outputs, labels)` (name -> sum over the batch)."""
+    sums, extra_sums = {}, {}
+    metrics = getattr(predict, "metrics", lambda outputs, labels: {})  # the hook: e.g. css.py's branch diversity
     for images, labels in loader:
         with autocast():
             outputs = predict(images)
@@ -224,13 +226,19 @@ def evaluate(predict, loader, autocast, distributed):
             batch = torch.stack([hits[0], hits[1], hits[-1], F.cross_entropy(logits, labels, reduction="sum"),
                                  torch.full((), len(labels), device=labels.device)]).double()
             sums[name] = sums[name] + batch if name in sums else batch
-    results = {}
+        for name, value in metrics(outputs, labels).items():
+            extra_sums[name] = extra_sums.get(name, 0) + value.double()
+    results, extras = {}, {}
     for name, total in sums.items():
         if distributed:
             dist.all_reduce(total)
         *sums_, count = total.tolist()
         results[name] = {key: value / count for key, value in zip(("top1", "top2", "top5", "nll"), sums_)}
-    return results
+    for name, total in extra_sums.items():
+        if distributed:
+            dist.all_reduce(total)
+        extras[name] = total.item() / count
+    return results, extras
 
 
 def average_buffers(modules):
@@ -491,14 +499,15 @@ def main(args):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             for net in networks.values():
                 net.eval()
-            scores = evaluate(predict, data.test, autocast, distributed)
+            scores, extras = evaluate(predict, data.test, autocast, distributed)
             names = [name for name in networks if name in scores]  # the cohort's networks among the outputs
             for name, score in scores.items():
                 if score["top1"] > best.get(name, {"top1": -1.0})["top1"]:
                     best[name] = {"top1": score["top1"], "epoch": epoch + 1}
             mean = {key: sum(scores[name][key] for name in names) / len(names) for key in scores[names[0]]}
             # the best epoch of each output is chosen by looking at the test set: an optimistic number
-            last_eval = {"test": scores, "networks_mean": mean, "best": {"selected_on": "test", "outputs": dict(best)}}
+            last_eval = {"test": scores, "networks_mean": mean, "best": {"selected_on": "test", "outputs": dict(best)},
+                         **({"method_metrics": extras} if extras else {})}
             record.update(last_eval)
         if is_main:
             print(format_metrics(record), flush=True)

@@ -242,3 +242,42 @@ def test_holdout_keeps_its_images_out_of_training_and_names_them(tmp_path):
     data = build_data("fake", batch_size=64, subset=160, seed=0, holdout=32)
     assert indices == data.holdout_indices and len(set(indices)) == 32
     assert "2 steps/epoch" in result.stdout  # 128 training images left: two batches of 64
+
+
+def test_a_method_adds_its_own_metrics_to_each_evaluation_css_branch_diversity(tmp_path):
+    """css.py logs, through the scaffolding's hook, how often its branches disagree on the test set (Fig. 3);
+    recomputed here from the saved networks. Other methods log nothing through it."""
+    import argparse
+    import itertools
+
+    import css
+    from data import build_data
+
+    out = tmp_path / "run"
+    result = run_script("css.py", *TINY_RUN, "--dataset", "fake", "--subset", "128", "--epochs", "2",
+                        "--warmup-epochs", "0", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    args = argparse.Namespace(**checkpoint["args"])
+    networks = css.build_networks(args, checkpoint["num_classes"], checkpoint["image_size"])
+    test = build_data(args.dataset, args.data_dir, args.batch_size, "cpu", subset=args.subset).test
+    votes = {}
+    with torch.no_grad():
+        for name, net in networks.items():
+            net.load_state_dict(checkpoint["networks"][name])
+            branches = [net.eval()(images, return_branches=True) for images, _ in test]
+            votes[name] = [torch.cat([net.branch_prediction(b[j], j) for b in branches]).argmax(1)
+                           for j in range(args.branches)]
+
+    def disagreement(pairs):
+        return sum((a != b).double().mean().item() for a, b in pairs) / len(pairs)
+
+    expected = {f"diversity_{name}": disagreement(list(itertools.combinations(v, 2))) for name, v in votes.items()}
+    expected["diversity_between"] = disagreement(list(itertools.product(votes["net1"], votes["net2"])))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method_metrics"] == pytest.approx(expected, abs=1e-9)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [set(r["method_metrics"]) for r in records] == [set(expected)] * 2
+    tna_run = tmp_path / "tna"
+    assert run_script("tna.py", *TINY_RUN, "--dataset", "fake", "--subset", "64", "--out-dir", tna_run).returncode == 0
+    assert "method_metrics" not in json.loads((tna_run / "summary.json").read_text())
