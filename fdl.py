@@ -103,7 +103,9 @@ def device_name(text):
 def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     allow_abbrev=False)
-    common = parser.add_argument_group("common (identical in every method file)")
+    # The common flags, the same in every method file. Their defaults are generic: each method sets its paper's
+    # protocol right below its own flags (parser.set_defaults), and --help shows the values in effect.
+    common = parser.add_argument_group("common (identical in every method file; defaults: the method's paper)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")

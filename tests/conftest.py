@@ -97,3 +97,18 @@ def parse_error(parse_args, argv, capsys):
     message = capsys.readouterr().err.strip()
     assert exit_info.value.code not in (0, None) and len(message.splitlines()) == 1, message
     return message
+
+
+class CapturedParser(Exception):
+    pass
+
+
+def parser_of(module, monkeypatch):
+    """The argument parser a script's parse_args builds (caught as it starts parsing)."""
+    def capture(self, args=None, namespace=None):
+        raise CapturedParser(self)
+
+    monkeypatch.setattr(module.Parser, "parse_args", capture)
+    with pytest.raises(CapturedParser) as captured:
+        module.parse_args([])
+    return captured.value.args[0]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import METHOD_FLAGS, METHOD_SCRIPTS, TINY_RUN, run_script
+from conftest import METHOD_FLAGS, METHOD_SCRIPTS, TINY_RUN, parser_of, run_script
 
 FAKE = [*TINY_RUN, "--dataset", "fake", "--subset", "128"]  # 2 steps per epoch on generated images
 
@@ -122,21 +122,6 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(run_copy, 
 
 
 # ==== arguments ====
-class CapturedParser(Exception):
-    pass
-
-
-def parser_of(module, monkeypatch):
-    """The argument parser a script's parse_args builds (caught as it starts parsing)."""
-    def capture(self, args=None, namespace=None):
-        raise CapturedParser(self)
-
-    monkeypatch.setattr(module.Parser, "parse_args", capture)
-    with pytest.raises(CapturedParser) as captured:
-        module.parse_args([])
-    return captured.value.args[0]
-
-
 @pytest.mark.parametrize("script", METHOD_SCRIPTS)
 def test_every_numeric_flag_is_range_checked_at_parse_time(script, monkeypatch):
     """No flag parses a bare int or float: each numeric one has a validator refusing nan and infinity."""

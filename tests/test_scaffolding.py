@@ -11,7 +11,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import METHOD_FLAGS, METHOD_SCRIPTS, REPO, TINY_RUN, check_resume_equals_uninterrupted, run_script
+from conftest import (
+    METHOD_FLAGS,
+    METHOD_SCRIPTS,
+    REPO,
+    TINY_RUN,
+    check_resume_equals_uninterrupted,
+    parser_of,
+    run_script,
+)
 
 
 class HostReadbacks(TorchDispatchMode):
@@ -281,3 +289,28 @@ def test_a_method_adds_its_own_metrics_to_each_evaluation_css_branch_diversity(t
     tna_run = tmp_path / "tna"
     assert run_script("tna.py", *TINY_RUN, "--dataset", "fake", "--subset", "64", "--out-dir", tna_run).returncode == 0
     assert "method_metrics" not in json.loads((tna_run / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("script", METHOD_SCRIPTS)
+def test_help_shows_the_defaults_in_effect(script, monkeypatch):
+    """A method's parser.set_defaults (its paper's protocol) changes what --help prints, not only the values."""
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    parsed = vars(module.parse_args([]))
+    parser = parser_of(module, monkeypatch)
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.dest in parsed:
+            assert action.default == parsed[action.dest], action.dest
+            if action.help and action.option_strings[0] in ("--epochs", "--batch-size", "--lr", "--weight-decay"):
+                assert f"(default: {parsed[action.dest]})" in text.split(action.option_strings[0], 2)[-1][:300]
+
+
+def test_help_of_css_prints_its_papers_protocol(capsys):
+    import css
+
+    with pytest.raises(SystemExit):
+        css.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs EPOCHS training epochs (default: 300)" in text and "(default: [150, 225])" in text
