@@ -320,6 +320,15 @@ def average_buffers(modules):
                 dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
 
 
+def default_out_dir(args):
+    """runs/<method>__<architectures>__<dataset>__<seed>__<time>, naming every architecture trained as the
+    method's flags give them (--model, or --models, --twin-model, --net2-model, ...)."""
+    flags = {k: v for k, v in vars(args).items() if v and (k in ("model", "models") or k.endswith("_model"))}
+    architectures = "-".join(dict.fromkeys(flags.pop("models", None) or flags.values()))
+    dataset = Path(args.dataset.split(":")[-1]).stem
+    return Path("runs") / f"{METHOD}__{architectures}__{dataset}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def find_checkpoint(path):
     path = Path(path)
     checkpoint = path / "checkpoint.pt" if path.is_dir() else path
@@ -430,8 +439,7 @@ def main(args):
     random.seed(args.seed + rank)  # from here on each rank draws its own random numbers
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(args.out_dir or Path("runs") / run_name)
+    out_dir = Path(args.out_dir or default_out_dir(args))
     args.out_dir = str(out_dir)
     if not args.resume and not args.overwrite and any((out_dir / name).exists() for name in RUN_FILES):
         fail(f"{out_dir} already holds a run: continue it with --resume {out_dir}, or replace it with --overwrite")

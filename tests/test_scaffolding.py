@@ -314,3 +314,19 @@ def test_help_of_css_prints_its_papers_protocol(capsys):
         css.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--epochs EPOCHS training epochs (default: 300)" in text and "(default: [150, 225])" in text
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("tna.py", [], "tna__resnet18__cifar100__0__"),
+    ("tna.py", ["--twin-model", "resnet50", "--dataset", "data/small.npz"], "tna__resnet18-resnet50__small__0__"),
+    ("dml.py", ["--models", "mobilenet,resnet32,mobilenet", "--seed", "3"], "dml__mobilenet-resnet32__cifar100__3__"),
+    ("css.py", ["--model", "resnet110_bottleneck", "--net2-model", "resnet56_bottleneck"],
+     "css__resnet110_bottleneck-resnet56_bottleneck__cifar100__0__"),
+    ("amln.py", ["--models", "resnet32,wrn_16_2"], "amln__resnet32-wrn_16_2__"),
+])
+def test_the_default_run_folder_names_every_architecture_trained(script, flags, expected):
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    out_dir = module.default_out_dir(module.parse_args(flags))
+    assert out_dir.parent.name == "runs" and out_dir.name.startswith(expected), out_dir
