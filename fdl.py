@@ -468,6 +468,7 @@ def main(args):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for module in [*networks.values(), *extra_modules.values()]:
         module.to(device, memory_format=memory_format)
+
     def ddp(module):  # under torchrun every trainable module (network, head, discriminator) all-reduces its gradients
         if not (distributed and any(p.requires_grad for p in module.parameters())):
             return module

@@ -330,3 +330,28 @@ def test_the_default_run_folder_names_every_architecture_trained(script, flags, 
     module = importlib.import_module(script[:-3])
     out_dir = module.default_out_dir(module.parse_args(flags))
     assert out_dir.parent.name == "runs" and out_dir.name.startswith(expected), out_dir
+
+
+# The scaffolding's regions of a method file, each from its first line up to (not including) the second marker.
+SCAFFOLDING = [("import argparse", "METHOD = "),
+               ("# ==== arguments", "    method = parser.add_argument_group("),
+               ("# ==== scaffolding helpers", "    # ==== the method's networks"),
+               ("    # ==== device placement", "    # ==== the method's training step"),
+               ("    # ==== training loop", None)]
+
+
+def scaffolding_of(script):
+    lines = (REPO / script).read_text().splitlines()
+    regions = []
+    for start, end in SCAFFOLDING:
+        first = next(i for i, line in enumerate(lines) if line.startswith(start))
+        last = len(lines) if end is None else next(i for i in range(first, len(lines)) if lines[i].startswith(end))
+        regions.append(lines[first:last])
+    return regions
+
+
+@pytest.mark.parametrize("script", METHOD_SCRIPTS[1:])
+def test_the_scaffolding_is_the_same_text_in_every_method_file(script):
+    """So that `diff tna.py X.py` shows only the method."""
+    for (start, _), ours, theirs in zip(SCAFFOLDING, scaffolding_of("tna.py"), scaffolding_of(script)):
+        assert ours == theirs, f"{script}: the region from {start.strip()!r} differs from tna.py's"
