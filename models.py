@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 from torchvision.ops import SqueezeExcitation
-from torch.utils.flop_counter import FlopCounterMode
 
 
 # ---------------------------------------------------------------- the common interface

@@ -61,51 +61,103 @@ METHOD = "tna"
 
 # ==== arguments: the common block is identical in every method file ====
 class Parser(argparse.ArgumentParser):
+    """One-line errors; `args.given` lists the flags on the command line (--resume checks them)."""
+
     def error(self, message):  # one clear line instead of the whole usage block
         fail(f"{message} (see --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        parsed = super().parse_args(argv, namespace)
+        parsed.given = [a.dest for a in self._actions if any(x.split("=")[0] in a.option_strings for x in argv)]
+        return parsed
+
+
+def ranged(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite int or float (`kind`) in [low, high], or in (low, high] when `above`."""
+    accepted = f"{'an integer' if kind is int else 'a number'} {'>' if above else '>='} {low}"
+    accepted += f" and <= {high}" if high < math.inf else ""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")  # argparse names the flag
+        return value
+    return parse
+
+
+positive_int, nonnegative_int, fraction = ranged(int, 1), ranged(int, 0), ranged(float, 0, 1)
+positive_float, nonnegative_float = ranged(float, 0, above=True), ranged(float, 0)
+
+
+def device_name(text):
+    """An argparse type for --device: auto, cpu, cuda or cuda:N, present on this machine."""
+    try:
+        device = torch.device("cpu" if text == "auto" else text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu")
+    return text
+
 
 def parse_args(argv=None):
-    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common = parser.add_argument_group("common (identical in every method file)")
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    allow_abbrev=False)
+    # The common flags, the same in every method file. Their defaults are generic: each method sets its paper's
+    # protocol right below its own flags (parser.set_defaults), and --help shows the values in effect.
+    common = parser.add_argument_group("common (identical in every method file; defaults: the method's paper)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
-    common.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images")
+    common.add_argument("--subset", type=positive_int, help="use only the first N training and N test images")
     common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
-    common.add_argument("--seed", type=int, default=0, help="random seed (offset by the rank under torchrun)")
-    common.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
-    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast precision; fp16 uses a GradScaler (CUDA only)")
-    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convs on tensor cores)")
+    common.add_argument("--holdout", type=nonnegative_int, default=0,
+                        help="keep N training images out of training (seeded, class-stratified; run/holdout.json)")
+    common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (+ rank under torchrun)")
+    common.add_argument("--device", type=device_name, default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    common.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"],
+                        help="autocast precision; fp16 uses a GradScaler")
+    common.add_argument("--channels-last", action="store_true", help="channels-last memory format (tensor cores)")
     common.add_argument("--compile", action="store_true", help="torch.compile every network")
-    common.add_argument("--epochs", type=int, default=200, help="training epochs")
-    common.add_argument("--batch-size", type=int, default=256, help="global batch size (split across ranks)")
-    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of the networks")
-    common.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    common.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    common.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (1e-4 on ImageNet)")
+    common.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
+    common.add_argument("--batch-size", type=positive_int, default=256, help="global batch size (split across ranks)")
+    common.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                        help="optimizer of the networks (adam: L2 weight decay; adamw: decoupled)")
+    common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
+    common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
+    common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
     common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    common.add_argument("--warmup-epochs", type=float, default=0, help="linear learning-rate warm-up")
-    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"], help="cosine to 0 per step, or steps at --milestones")
-    common.add_argument("--milestones", type=int, nargs="+", default=[150, 225], help="multistep: epochs where the lr is multiplied by --gamma")
-    common.add_argument("--gamma", type=float, default=0.1, help="multistep: lr factor at each milestone")
-    common.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and always after the last)")
-    common.add_argument("--out-dir", default=None, help="output folder (default runs/<method>__<model>__<dataset>__<seed>__<time>)")
-    common.add_argument("--resume", default=None, help="continue a run: its folder or checkpoint.pt (its saved arguments are used)")
-    common.add_argument("--stop-after", type=int, default=None, help="stop after this epoch, checkpoint kept (split a run into jobs; --resume continues)")
+    common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
+    common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"],
+                        help="cosine to 0 per step, or x --gamma at each of --milestones")
+    common.add_argument("--milestones", type=positive_int, nargs="+", default=[150, 225], help="multistep: epochs")
+    common.add_argument("--gamma", type=positive_float, default=0.1, help="multistep: lr factor at each milestone")
+    common.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs and after the last")
+    common.add_argument("--out-dir", help="output folder (default runs/<method>__<models>__<dataset>__<seed>__<time>)")
+    run = common.add_mutually_exclusive_group()
+    run.add_argument("--resume", help="continue a run (its folder or checkpoint.pt) with its saved arguments; only "
+                     "--epochs (more), --eval-every and this job's --device, --data-dir, --stop-after... may change")
+    run.add_argument("--overwrite", action="store_true", help="start anew in an --out-dir holding a run (its files go)")
+    common.add_argument("--stop-after", type=positive_int, help="stop after this epoch (--resume continues the run)")
     # this script's defaults: TNA's CIFAR-100 ResNet-18 recipe (Vandersmissen et al., ICLR 2025, Table 9: batch 256,
     # lr 0.1, 200 epochs; section 3.3: SGD, cosine annealing); momentum 0.9 and weight decay 5e-4 are not printed:
     # the authors' code (kd_lth, recipe.py, CIFAR) uses them
     parser.set_defaults(model="resnet18", dataset="cifar100", batch_size=256, lr=0.1, epochs=200, optimizer="sgd",
                         momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine", warmup_epochs=0)
     method = parser.add_argument_group("TNA (Vandersmissen et al., ICLR 2025)")
-    method.add_argument("--alpha", type=float, default=5e-3,
+    method.add_argument("--alpha", type=nonnegative_float, default=5e-3,
                         help="weight of the logit-matching term (eq. 1); 5e-4 for ResNet-50 (section 4.4); "
                              "0 = trained alone")
     method.add_argument("--twin-model", default=None, help="architecture of the twin (Table 8); None: the same as --model")
     method.add_argument("--match-reduction", default="sum", choices=["sum", "mean"],
                         help="squared error summed over classes (eq. 1, the authors' code) or averaged (nn.MSELoss)")
-    method.add_argument("--late-matching", type=int, default=0,
+    method.add_argument("--late-matching", type=nonnegative_int, default=0,
                         help="epoch from which the matching term is on (section 4.4, Fig. 5)")
     method.add_argument("--twin-checkpoint", default=None,
                         help="start the twin from a trained run's deployed network (Fig. 4)")
@@ -118,7 +170,7 @@ def parse_args(argv=None):
                         help="with --twin-init copy: the one layer the twin draws afresh (section 4.2): its index "
                              "among the conv and linear layers in module order (0 = first conv, -1 = classifier) or "
                              "a module name, e.g. stages.1.0.conv1")
-    method.add_argument("--reinit-stage", type=int, default=None,
+    method.add_argument("--reinit-stage", type=nonnegative_int, default=None,
                         help="with --twin-init copy: draw this whole stage afresh instead (0-based)")
     args = parser.parse_args(argv)
     if args.alpha < 0:
@@ -197,9 +249,14 @@ DEPLOYED = "base"  # inference uses the base only (section 3.1)
 
 
 # ==== scaffolding helpers: identical in every method file ====
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "holdout.json")  # an --out-dir with one holds a run
+JOB_FLAGS = ("resume", "overwrite", "stop_after", "device", "data_dir", "compile", "channels_last")  # not the run's
+RESUMABLE = ("epochs", "eval_every", *JOB_FLAGS)  # the flags a --resume may change
+
+
 def lr_factor(step, steps_per_epoch, args):
     """Learning-rate multiplier at optimizer step `step`: linear warm-up, then cosine to 0 at the
-    last step (SPEC 1), or x gamma at each milestone epoch."""
+    last step, or x gamma at each milestone epoch."""
     warmup_steps = args.warmup_epochs * steps_per_epoch
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -210,15 +267,16 @@ def lr_factor(step, steps_per_epoch, args):
 
 
 def make_optimizer(params, args, lr=None):
-    lr = args.lr if lr is None else lr
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
+    settings = dict(lr=args.lr if lr is None else lr, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=args.momentum, nesterov=args.nesterov, **settings)
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer](params, **settings)
 
 
 def fail(message, code=1):
-    """Stop with one line on stderr naming the script and what was wrong (never a traceback)."""
-    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    """Stop with one line on stderr naming the script and what was wrong (never a traceback): the
+    message's first line (torch's errors run to many)."""
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {str(message).partition(chr(10))[0]}\n")
     sys.exit(code)
 
 
@@ -235,25 +293,52 @@ def backward_step(loss, scaler, *optimizers):
 
 @torch.no_grad()
 def evaluate(predict, loader, autocast, distributed):
-    """Top-1, top-5 and NLL of every output of `predict` (name -> logits) over the test set."""
-    sums = {}
+    """Top-1, top-2, top-5 accuracy and NLL of every output of `predict` (name -> logits) over a loader; and the
+    means of a method's own metrics when it sets `predict.metrics(outputs, labels)` (name -> sum over the batch)."""
+    sums, extra_sums = {}, {}
+    metrics = getattr(predict, "metrics", lambda outputs, labels: {})  # the hook: e.g. css.py's branch diversity
     for images, labels in loader:
         with autocast():
             outputs = predict(images)
         for name, logits in outputs.items():
             logits = logits.float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            # hits[k]: images whose label is among the top k + 1 (cumsum of the one-hot rank of the label)
+            hits = (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).cumsum(1).sum(0)
             # sums stay on the device (torch.full, unlike torch.tensor, copies nothing from the host): no sync per batch
-            batch = torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
-                                 F.cross_entropy(logits, labels, reduction="sum"), torch.full((), len(labels), device=labels.device)]).double()
+            batch = torch.stack([hits[0], hits[1], hits[-1], F.cross_entropy(logits, labels, reduction="sum"),
+                                 torch.full((), len(labels), device=labels.device)]).double()
             sums[name] = sums[name] + batch if name in sums else batch
-    results = {}
+        for name, value in metrics(outputs, labels).items():
+            extra_sums[name] = extra_sums.get(name, 0) + value.double()
+    results, extras = {}, {}
     for name, total in sums.items():
         if distributed:
             dist.all_reduce(total)
-        top1, top5, nll, count = total.tolist()
-        results[name] = {"top1": top1 / count, "top5": top5 / count, "nll": nll / count}
-    return results
+        *sums_, count = total.tolist()
+        results[name] = {key: value / count for key, value in zip(("top1", "top2", "top5", "nll"), sums_)}
+    for name, total in extra_sums.items():
+        if distributed:
+            dist.all_reduce(total)
+        extras[name] = total.item() / count
+    return results, extras
+
+
+def average_buffers(modules):
+    """Under torchrun each rank's BatchNorm tracked the statistics of its own batches: average them, so that
+    every rank evaluates and rank 0 saves the same networks."""
+    for module in modules:
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
+
+
+def default_out_dir(args):
+    """runs/<method>__<architectures>__<dataset>__<seed>__<time>, naming every architecture trained as the
+    method's flags give them (--model, or --models, --twin-model, --net2-model, ...)."""
+    flags = {k: v for k, v in vars(args).items() if v and (k in ("model", "models") or k.endswith("_model"))}
+    architectures = "-".join(dict.fromkeys(flags.pop("models", None) or flags.values()))
+    dataset = Path(args.dataset.split(":")[-1]).stem
+    return Path("runs") / f"{METHOD}__{architectures}__{dataset}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def find_checkpoint(path):
@@ -264,10 +349,26 @@ def find_checkpoint(path):
     return checkpoint
 
 
+def load_checkpoint(path):
+    """This method's checkpoint at `path` (a run folder or its checkpoint.pt), or one line saying what is wrong."""
+    path = find_checkpoint(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - empty, truncated or not a checkpoint: torch raises many types
+        fail(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})")
+    if not isinstance(checkpoint, dict) or not {"method", "epoch", "args", "networks"} <= checkpoint.keys():
+        fail(f"{path} is not a checkpoint written by these scripts")
+    if checkpoint["method"] != METHOD:
+        fail(f"{path} is a {checkpoint['method']} run: resume it with {checkpoint['method']}.py")
+    return path, checkpoint
+
+
 def save_atomic(obj, path):
     """Write to a temporary file and rename, so a kill mid-write never leaves a broken file."""
     tmp = Path(str(path) + ".tmp")
-    if isinstance(obj, dict) and path.suffix == ".json":
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    elif isinstance(obj, dict) and path.suffix == ".json":
         tmp.write_text(json.dumps(obj, indent=2))
     else:
         torch.save(obj, tmp)
@@ -298,13 +399,30 @@ def format_metrics(record):
 
 def main(args):
     # ==== setup: distributed, device, seed, precision (identical in every method file) ====
-    if args.resume:  # continue with the run's own arguments; only these may change
-        checkpoint_path = find_checkpoint(args.resume)
-        resumed = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        overrides = {k: getattr(args, k) for k in ("resume", "stop_after", "device", "data_dir", "compile")}
-        args = argparse.Namespace(**{**resumed["args"], **overrides, "out_dir": str(checkpoint_path.parent)})
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    is_main = rank == 0
+    given = vars(args).pop("given", [])
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes (use a multiple)")
+    if args.resume:  # continue with the run's saved arguments; only RESUMABLE flags may differ
+        checkpoint_path, resumed = load_checkpoint(args.resume)
+        saved = resumed["args"]
+        differ = {k: f"--{k.replace('_', '-')} {getattr(args, k)} (run: {saved.get(k)})" for k in given
+                  if getattr(args, k) != saved.get(k)}
+        if conflicts := [text for k, text in differ.items() if k not in RESUMABLE]:
+            fail(f"--resume keeps the run's arguments, but {', '.join(conflicts)}: start a new run to change them")
+        changes = [k for k in differ if k not in JOB_FLAGS]
+        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in (*JOB_FLAGS, *changes)},
+                                     "out_dir": str(checkpoint_path.parent)})
+        if args.epochs < resumed["epoch"]:
+            fail(f"--epochs {args.epochs}: the run has already trained {resumed['epoch']} epochs")
+        if resumed["epoch"] == args.epochs and (checkpoint_path.parent / "summary.json").exists():
+            print(f"{METHOD}: the run in {checkpoint_path.parent} is complete ({args.epochs} epochs); nothing to do")
+            return
+        if is_main and changes:
+            print(f"{METHOD}: resuming with {', '.join(differ[k] for k in changes)}"
+                  + ("; the learning-rate schedule now spans the new --epochs" if "epochs" in changes else ""))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if distributed and args.device == "cuda" else args.device)
@@ -314,25 +432,29 @@ def main(args):
         torch.backends.cudnn.benchmark = True
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
-    if args.amp == "fp16" and device.type != "cuda":
-        fail("--amp fp16 needs CUDA (it relies on a GradScaler); use --amp bf16 or off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[args.amp]
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")  # noqa: E731
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     try:
         data = build_data(args.dataset, args.data_dir, args.batch_size // world_size, device, subset=args.subset,
-                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size)
+                          augment=args.augment, seed=args.seed, rank=rank, world_size=world_size, holdout=args.holdout)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         networks = build_networks(args, data.num_classes, data.image_size)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         fail(f"{error}")
+    sizes = [len(loader.images if hasattr(loader, "images") else loader.dataset) for loader in (data.train, data.test)]
+    if is_main and args.subset and args.subset > min(sizes):
+        print(f"{METHOD}: --subset {args.subset} is more than the data holds: using {sizes[0]} training and {sizes[1]} "
+              "test images")
+    if len(data.train) == 0:  # the last incomplete batch is dropped
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({sizes[0]} images)")
     random.seed(args.seed + rank)  # from here on each rank draws its own random numbers
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    run_name = f"{METHOD}__{args.model}__{Path(args.dataset.split(':')[-1]).stem}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(args.out_dir or Path("runs") / run_name)
+    out_dir = Path(args.out_dir or default_out_dir(args))
     args.out_dir = str(out_dir)
+    if not args.resume and not args.overwrite and any((out_dir / name).exists() for name in RUN_FILES):
+        fail(f"{out_dir} already holds a run: continue it with --resume {out_dir}, or replace it with --overwrite")
 
     # ==== the method's networks, optimizers and frozen parts ====
     frozen = set()
@@ -357,36 +479,59 @@ def main(args):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for module in [*networks.values(), *extra_modules.values()]:
         module.to(device, memory_format=memory_format)
-    train_nets = {name: torch.compile(net) if args.compile else net for name, net in networks.items()}
-    if distributed:
-        train_nets = {name: net if name in frozen else DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-                      for name, net in train_nets.items()}
+
+    def ddp(module):  # under torchrun every trainable module (network, head, discriminator) all-reduces its gradients
+        if not (distributed and any(p.requires_grad for p in module.parameters())):
+            return module
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_nets = {name: ddp(torch.compile(net) if args.compile else net) for name, net in networks.items()}
+    train_extra = {name: ddp(module) for name, module in extra_modules.items()}  # noqa: F841 - for the method's step
     steps_per_epoch = len(data.train)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps_per_epoch, args))
                   for name, opt in optimizers.items() if name not in constant_lr}
-    start_epoch, train_time, last_eval = 0, 0.0, {}
+    start_epoch, train_time, last_eval, best = 0, 0.0, {}, {}
     if args.resume:
-        for name, net in networks.items():
-            net.load_state_dict(resumed["networks"][name])
-        for name, module in extra_modules.items():
-            module.load_state_dict(resumed["extra"][name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(resumed["optimizers"][name])
-        for name, sched in schedulers.items():
-            sched.load_state_dict(resumed["schedulers"][name])
-        scaler.load_state_dict(resumed["scaler"])
-        set_rng_state(resumed["rng"])
-        start_epoch, train_time, last_eval = resumed["epoch"], resumed["train_time_s"], resumed["last_eval"]
+        try:
+            for name, net in networks.items():
+                net.load_state_dict(resumed["networks"][name])
+            for name, module in extra_modules.items():
+                module.load_state_dict(resumed["extra"][name])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(resumed["optimizers"][name])
+            for name, sched in schedulers.items():
+                sched.load_state_dict(resumed["schedulers"][name])
+            scaler.load_state_dict(resumed["scaler"])
+            set_rng_state(resumed["rng"])
+            start_epoch, train_time = resumed["epoch"], resumed["train_time_s"]
+            last_eval, best = resumed["last_eval"], resumed["best"]
+        except (KeyError, ValueError, RuntimeError) as error:
+            fail(f"{checkpoint_path} does not fit the networks its arguments build ({type(error).__name__}: {error})")
     writer = None
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fail(f"cannot create the output folder {out_dir}: {error.strerror}")
+        if args.overwrite:
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+        if args.holdout and not args.resume:  # which training images this run never trained on
+            save_atomic({"indices": data.holdout_indices}, out_dir / "holdout.json")
+        metrics_path = out_dir / "metrics.jsonl"
+        if args.resume and metrics_path.exists():  # drop lines past the checkpoint (a kill between the two writes)
+            lines = metrics_path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.endswith("\n") and json.loads(line)["epoch"] <= start_epoch]
+            if kept != lines:
+                save_atomic("".join(kept), metrics_path)
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(out_dir)
         except ImportError:  # tensorboard is optional
             pass
-        print(f"{METHOD}: {', '.join(f'{n} {sum(p.numel() for p in m.parameters()):,} params' for n, m in networks.items())} "
-              f"| {data.num_classes} classes | {steps_per_epoch} steps/epoch | {device} x{world_size} | {args.amp} | -> {out_dir}"
+        params = ", ".join(f"{name} {sum(p.numel() for p in n.parameters()):,} params" for name, n in networks.items())
+        print(f"{METHOD}: {params} | {data.num_classes} classes | {steps_per_epoch} steps/epoch | "
+              f"{device} x{world_size} | {args.amp} | -> {out_dir}"
               + (f" | resumed at epoch {start_epoch}" if args.resume else ""))
 
     # ==== the method's training step and evaluation outputs ====
@@ -416,16 +561,17 @@ def main(args):
             images = images.contiguous(memory_format=memory_format)
             terms = train_step(images, labels, epoch)
             for scheduler in schedulers.values():
-                scheduler.step()  # per iteration (SPEC 1)
+                scheduler.step()  # per iteration: the lr follows lr_factor step by step
             # the loss terms stay on the device as one running sum, read once per epoch: no host sync per step
             values = torch.stack([value.detach().float() for value in terms.values()])
             loss_sums = values if loss_sums is None else loss_sums + values
             # a sum stays non-finite once a term was, so this counts the steps before the first bad one
             finite_steps += loss_sums.isfinite().all()
-            if (step % 50 == 49 or step == steps_per_epoch - 1) and finite_steps.item() <= step:  # one sync per 50 steps
+            # one sync per 50 steps
+            if (step % 50 == 49 or step == steps_per_epoch - 1) and finite_steps.item() <= step:
                 bad_terms = ", ".join(name for name, finite in zip(terms, loss_sums.isfinite().tolist()) if not finite)
-                fail(f"non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {finite_steps.item() + 1}; "
-                                 f"lower --lr or the method's loss weight; the last checkpoint in {out_dir} is intact", code=3)
+                fail(f"non-finite loss ({bad_terms}) at epoch {epoch + 1}, step {finite_steps.item() + 1}; lower --lr "
+                     f"or the method's loss weight; the last checkpoint in {out_dir} is intact", code=3)
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - epoch_start
@@ -433,15 +579,25 @@ def main(args):
         losses = loss_sums / steps_per_epoch
         if distributed:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)
-        record = {"epoch": epoch + 1, "epochs": args.epochs, "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
+            average_buffers([*networks.values(), *extra_modules.values()])
+        record = {"epoch": epoch + 1, "epochs": args.epochs,
+                  "lr": next(iter(optimizers.values())).param_groups[0]["lr"],
                   "losses": dict(zip(terms, losses.tolist())),
                   "images_per_s": steps_per_epoch * args.batch_size / epoch_time,
                   "eta_s": epoch_time * (args.epochs - epoch - 1)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             for net in networks.values():
                 net.eval()
-            last_eval = evaluate(predict, data.test, autocast, distributed)
-            record["test"] = last_eval
+            scores, extras = evaluate(predict, data.test, autocast, distributed)
+            names = [name for name in networks if name in scores]  # the cohort's networks among the outputs
+            for name, score in scores.items():
+                if score["top1"] > best.get(name, {"top1": -1.0})["top1"]:
+                    best[name] = {"top1": score["top1"], "epoch": epoch + 1}
+            mean = {key: sum(scores[name][key] for name in names) / len(names) for key in scores[names[0]]}
+            # the best epoch of each output is chosen by looking at the test set: an optimistic number
+            last_eval = {"test": scores, "networks_mean": mean, "best": {"selected_on": "test", "outputs": dict(best)},
+                         **({"method_metrics": extras} if extras else {})}
+            record.update(last_eval)
         if is_main:
             print(format_metrics(record), flush=True)
             with open(out_dir / "metrics.jsonl", "a") as log:
@@ -458,14 +614,15 @@ def main(args):
                          "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
                          "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
                          "scaler": scaler.state_dict(), "rng": rng_state(), "train_time_s": train_time,
-                         "last_eval": last_eval}, out_dir / "checkpoint.pt")
-    if is_main and last_epoch == args.epochs:
-        outputs = dict(last_eval)
+                         "last_eval": last_eval, "best": best}, out_dir / "checkpoint.pt")
+    if is_main and last_epoch == args.epochs:  # the headline is the final epoch; the rest of last_eval beside it
+        outputs = dict(last_eval["test"])
         ensemble = outputs.pop("ensemble", None)
-        save_atomic({"method": METHOD, "deployed_network": DEPLOYED, "deployed": last_eval.get(DEPLOYED),
-                     "networks": outputs, "ensemble": ensemble, "epochs": args.epochs, "args": vars(args),
-                     "train_time_s": train_time}, out_dir / "summary.json")
-        print(f"{METHOD}: deployed {DEPLOYED} top-1 {last_eval[DEPLOYED]['top1']:.4f} -> {out_dir / 'summary.json'}")
+        deployed = last_eval["test"][DEPLOYED]
+        save_atomic({"format_version": 2, "method": METHOD, "deployed_network": DEPLOYED, "deployed": deployed,
+                     "networks": outputs, "ensemble": ensemble, **{k: v for k, v in last_eval.items() if k != "test"},
+                     "epochs": args.epochs, "args": vars(args), "train_time_s": train_time}, out_dir / "summary.json")
+        print(f"{METHOD}: deployed {DEPLOYED} top-1 {deployed['top1']:.4f} -> {out_dir / 'summary.json'}")
     if writer:
         writer.close()
     if distributed:

@@ -69,7 +69,10 @@ def run_script(script, *args, timeout=600, env=None, launcher=None, isolated=Fal
 
 
 # A tiny, fast configuration every end-to-end test of a method script starts from.
-TINY_RUN = ["--model", "convnet", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--amp", "off", "--lr", "0.05"]
+TINY_RUN = ["--model", "convnet", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--amp", "off",
+            "--lr", "0.05"]
+METHOD_SCRIPTS = ["tna.py", "dml.py", "sila.py", "fdl.py", "amln.py", "css.py"]
+METHOD_FLAGS = {"fdl.py": ["--pretrain-epochs", "0"]}  # FDL: all four sub-steps from the first batch of a 1-epoch run
 
 
 def check_resume_equals_uninterrupted(script, common_args, tmp_path):
@@ -94,3 +97,18 @@ def parse_error(parse_args, argv, capsys):
     message = capsys.readouterr().err.strip()
     assert exit_info.value.code not in (0, None) and len(message.splitlines()) == 1, message
     return message
+
+
+class CapturedParser(Exception):
+    pass
+
+
+def parser_of(module, monkeypatch):
+    """The argument parser a script's parse_args builds (caught as it starts parsing)."""
+    def capture(self, args=None, namespace=None):
+        raise CapturedParser(self)
+
+    monkeypatch.setattr(module.Parser, "parse_args", capture)
+    with pytest.raises(CapturedParser) as captured:
+        module.parse_args([])
+    return captured.value.args[0]

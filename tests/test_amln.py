@@ -11,10 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
 import amln
-from amln import (AlignmentContainer, adversarial_loss, alignment_loss, amln_step, build_block_modules,
-                  discriminator_loss, lr_factor, make_optimizer, outcome_loss, parse_args, stage_shapes)
+from amln import (
+    AlignmentContainer,
+    adversarial_loss,
+    alignment_loss,
+    amln_step,
+    build_block_modules,
+    discriminator_loss,
+    lr_factor,
+    make_optimizer,
+    outcome_loss,
+    parse_args,
+    stage_shapes,
+)
 from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script
 from models import build_model
 

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from benchmarks.throughput import OpCounter, TimedLoader, ops_per_step
+
 from conftest import REPO, require_cifar10_small
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import css
-from conftest import CIFAR10_SMALL, TINY_RUN, read_summary, require_cifar10_small, run_script, parse_error
+from conftest import CIFAR10_SMALL, TINY_RUN, parse_error, read_summary, require_cifar10_small, run_script
 from models import MODEL_NAMES, Head, build_model
 
 # the end-to-end runs: TINY_RUN on 128 images (2 steps of 64)

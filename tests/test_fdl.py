@@ -8,9 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, read_summary, require_cifar10_small, run_script, parse_error
-from fdl import (ConvOutputRecorder, all_pairs_feature_difference_loss, authors_lrs, feature_difference_loss,
-                 frozen_base_logits, parse_args, similarity_loss)
+from conftest import TINY_RUN, parse_error, read_summary, require_cifar10_small, run_script
+from fdl import (
+    ConvOutputRecorder,
+    all_pairs_feature_difference_loss,
+    authors_lrs,
+    feature_difference_loss,
+    frozen_base_logits,
+    parse_args,
+    similarity_loss,
+)
 from models import build_model
 
 

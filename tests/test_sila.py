@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, check_resume_equals_uninterrupted, read_summary, run_script, parse_error
+from conftest import TINY_RUN, check_resume_equals_uninterrupted, parse_error, read_summary, run_script
 from sila import lr_factor, mutual_kl, parse_args, sila_loss
 
 

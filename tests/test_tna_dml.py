@@ -5,13 +5,14 @@ import contextlib
 import copy
 import json
 import math
-import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from conftest import TINY_RUN, check_resume_equals_uninterrupted, parse_error, read_summary, run_script
 from dml import dml_loss, mutual_learning_step
 from dml import parse_args as dml_parse_args
@@ -317,8 +318,9 @@ def test_resumed_run_equals_uninterrupted_run(script, cifar10_small, tmp_path):
     check_resume_equals_uninterrupted(script, [*TINY_RUN, "--dataset", cifar10_small], tmp_path)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(cifar10_small, tmp_path):
-    torchrun = [shutil.which("torchrun") or "torchrun", "--nproc_per_node=2", "--master_port=29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
     result = run_script("tna.py", *TINY_RUN, "--dataset", cifar10_small, "--out-dir", tmp_path / "ddp",
                         launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
