@@ -123,7 +123,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     allow_abbrev=False)
     # The common flags, the same in every method file. Their defaults are generic: each method sets its paper's
-    # protocol right below its own flags (parser.set_defaults), and --help shows the values in effect.
+    # protocol right below this block (parser.set_defaults), and --help shows the values in effect.
     common = parser.add_argument_group("common (identical in every method file; defaults: the method's paper)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
@@ -145,7 +145,7 @@ def parse_args(argv=None):
     common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
-    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum")
     common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
     common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"],
                         help="cosine to 0 per step, or x --gamma at each of --milestones")
@@ -158,6 +158,12 @@ def parse_args(argv=None):
                      "--epochs (more), --eval-every and this job's --device, --data-dir, --stop-after... may change")
     run.add_argument("--overwrite", action="store_true", help="start anew in an --out-dir holding a run (its files go)")
     common.add_argument("--stop-after", type=positive_int, help="stop after this epoch (--resume continues the run)")
+    # The protocol of the authors' code (train.py; the paper defers it to its supplementary material): ResNet-110,
+    # 300 epochs, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 warmed up over 5 epochs and x0.1 at the
+    # start of (1-based) epochs 150 and 225, which is after 149 and 224 finished epochs: --milestones counts
+    # finished epochs (the paper's section 4.2 also sees its diversity drop "at the 150th epoch").
+    parser.set_defaults(model="resnet110_bottleneck", epochs=300, batch_size=128, lr=0.1, momentum=0.9,
+                        weight_decay=5e-4, warmup_epochs=5, schedule="multistep", milestones=[149, 224], gamma=0.1)
     method = parser.add_argument_group("CSS (Fan et al. 2022, arXiv:2203.11660)")
     method.add_argument("--branches", type=positive_int, default=3,
                         help="branches m per network (section 4.1: m = 3); each owns a copy of the last stage")
@@ -178,20 +184,12 @@ def parse_args(argv=None):
                         help="alpha_1 = alpha_2 = 1 instead of the CE ratios of eq. 5 (Table 5: without DW)")
     method.add_argument("--no-detach", action="store_true",
                         help="let gradients flow through the peer targets and the alphas, as the authors' code does")
-    # The protocol of the authors' code (train.py; the paper defers it to its supplementary material): ResNet-110,
-    # 300 epochs, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.1 warmed up over 5 epochs and x0.1 at the
-    # start of (1-based) epochs 150 and 225, which is after 149 and 224 finished epochs: --milestones counts
-    # finished epochs (the paper's section 4.2 also sees its diversity drop "at the 150th epoch").
-    parser.set_defaults(model="resnet110_bottleneck", epochs=300, batch_size=128, lr=0.1, momentum=0.9,
-                        weight_decay=5e-4, warmup_epochs=5, schedule="multistep", milestones=[149, 224], gamma=0.1)
     args = parser.parse_args(argv)
     if args.branches < 1:
         parser.error(f"--branches must be >= 1, got {args.branches}")
     if args.branches > len(MASK_GRID_CELLS) and args.mask_layout == "grid" and not args.no_mask:
         parser.error(f"--branches {args.branches}: --mask-layout grid has {len(MASK_GRID_CELLS)} squares, so at most "
                      f"{len(MASK_GRID_CELLS)} branches (or use --mask-layout authors, or --no-mask)")
-    if args.temperature <= 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.single_network and args.net2_model:
         parser.error("--net2-model needs two networks (drop --single-network)")
     return args

@@ -107,7 +107,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     allow_abbrev=False)
     # The common flags, the same in every method file. Their defaults are generic: each method sets its paper's
-    # protocol right below its own flags (parser.set_defaults), and --help shows the values in effect.
+    # protocol right below this block (parser.set_defaults), and --help shows the values in effect.
     common = parser.add_argument_group("common (identical in every method file; defaults: the method's paper)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
@@ -129,7 +129,7 @@ def parse_args(argv=None):
     common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
-    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum")
     common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
     common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"],
                         help="cosine to 0 per step, or x --gamma at each of --milestones")
@@ -162,8 +162,6 @@ def parse_args(argv=None):
     args.models = args.models.split(",") if isinstance(args.models, str) else args.models
     if args.models is not None and len(args.models) < 2 or args.models is None and args.num_students < 2:
         parser.error("DML needs a cohort of at least 2 students (--num-students K or --models a,b)")
-    if args.temperature <= 0 or args.kl_weight < 0:
-        parser.error(f"--temperature must be > 0 and --kl-weight >= 0, got {args.temperature} and {args.kl_weight}")
     if args.sequential and args.no_detach:  # Algorithm 1 steps one student at a time on fixed peer predictions
         parser.error("--no-detach needs the simultaneous update: drop --sequential (Algorithm 1 keeps the peers fixed)")
     return args

@@ -129,7 +129,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     allow_abbrev=False)
     # The common flags, the same in every method file. Their defaults are generic: each method sets its paper's
-    # protocol right below its own flags (parser.set_defaults), and --help shows the values in effect.
+    # protocol right below this block (parser.set_defaults), and --help shows the values in effect.
     common = parser.add_argument_group("common (identical in every method file; defaults: the method's paper)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
@@ -151,7 +151,7 @@ def parse_args(argv=None):
     common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
-    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum")
     common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
     common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"],
                         help="cosine to 0 per step, or x --gamma at each of --milestones")
@@ -190,8 +190,6 @@ def parse_args(argv=None):
     if not 0 <= args.pretrain_epochs < args.epochs:
         parser.error(f"--pretrain-epochs must be >= 0 and below --epochs ({args.epochs}) so the head gets trained, "
                      f"got {args.pretrain_epochs}")
-    if min(lr for lr in (args.fdl_lr, args.head_lr, 1) if lr is not None) <= 0:
-        parser.error(f"--fdl-lr and --head-lr must be > 0, got {args.fdl_lr} and {args.head_lr}")
     if args.model.startswith("msdnet"):
         parser.error(f"FDL needs single-exit networks; --model {args.model} has one output per exit")
     return args
@@ -534,7 +532,6 @@ def main(args):
     # authors: the fdl and head lrs are not scheduled; "similarity" copies the main lr when it steps (below), so no
     # scheduler steps it during the pretrain epochs, before its first optimizer step
     constant_lr = {"similarity", "fdl", "head"}
-    pair_generator = torch.Generator()  # the similarity pair: seeded by (seed, step), the same on every rank and resume
 
     # ==== device placement, compile, DDP, schedule, resume (identical in every method file) ====
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -617,8 +614,8 @@ def main(args):
         #    As in the authors' code all N networks run forward (each BN sees the batch as often as in theirs);
         #    the others enter with weight 0: their gradients are zeros, not None, so DDP finds every parameter
         #    used and the optimizer applies momentum and weight decay to them as the authors' (torch 1.x zero_grad)
-        pair_generator.manual_seed((args.seed << 32) + schedulers["main"].last_epoch)  # optimizer steps so far
-        i, j = sorted(torch.randperm(len(names), generator=pair_generator)[:2].tolist())
+        # the pair is seeded by (seed, optimizer steps so far): the same on every rank and after a resume, no tensor
+        i, j = sorted(random.Random((args.seed << 32) + schedulers["main"].last_epoch).sample(range(len(names)), 2))
         if joint and not args.no_similarity:
             with autocast():
                 all_logits = [train_nets[name](images) for name in names]

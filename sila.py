@@ -130,7 +130,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     allow_abbrev=False)
     # The common flags, the same in every method file. Their defaults are generic: each method sets its paper's
-    # protocol right below its own flags (parser.set_defaults), and --help shows the values in effect.
+    # protocol right below this block (parser.set_defaults), and --help shows the values in effect.
     common = parser.add_argument_group("common (identical in every method file; defaults: the method's paper)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
@@ -152,7 +152,7 @@ def parse_args(argv=None):
     common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
-    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum")
     common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
     common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"],
                         help="cosine to 0 per step, or x --gamma at each of --milestones")
@@ -198,8 +198,8 @@ def parse_args(argv=None):
     if args.betas is not None and not is_dynamic(args) and len(args.betas) != len(architectures):
         parser.error(f"--betas has {len(args.betas)} values but there are {len(architectures)} networks "
                      f"({', '.join(architectures)})")
-    if args.betas is not None and (min(args.betas) < 0 or sum(args.betas) <= 0):
-        parser.error(f"--betas must be >= 0 and not all 0, got {args.betas}")
+    if args.betas is not None and sum(args.betas) <= 0:  # each beta >= 0 is checked by its type
+        parser.error(f"--betas must not be all 0, got {args.betas}")
     if args.no_sila and args.plus_ce:
         parser.error("--plus-ce adds the per-network CE to SiLa; with --no-sila that CE is already the whole loss")
     return args

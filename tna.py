@@ -110,7 +110,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     allow_abbrev=False)
     # The common flags, the same in every method file. Their defaults are generic: each method sets its paper's
-    # protocol right below its own flags (parser.set_defaults), and --help shows the values in effect.
+    # protocol right below this block (parser.set_defaults), and --help shows the values in effect.
     common = parser.add_argument_group("common (identical in every method file; defaults: the method's paper)")
     common.add_argument("--model", default="resnet18", help=f"architecture of every network: {', '.join(MODEL_NAMES)}")
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
@@ -132,7 +132,7 @@ def parse_args(argv=None):
     common.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     common.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     common.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="weight decay")
-    common.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    common.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum")
     common.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear learning-rate warm-up")
     common.add_argument("--schedule", default="cosine", choices=["cosine", "multistep"],
                         help="cosine to 0 per step, or x --gamma at each of --milestones")
@@ -173,8 +173,6 @@ def parse_args(argv=None):
     method.add_argument("--reinit-stage", type=nonnegative_int, default=None,
                         help="with --twin-init copy: draw this whole stage afresh instead (0-based)")
     args = parser.parse_args(argv)
-    if args.alpha < 0:
-        parser.error(f"--alpha must be >= 0, got {args.alpha}")
     if args.freeze_twin and not args.twin_checkpoint:
         parser.error("--freeze-twin needs --twin-checkpoint (a frozen random twin teaches nothing)")
     if (args.reinit_layer is not None or args.reinit_stage is not None) and args.twin_init != "copy":

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the repository root on sys.path and the offline datasets in ../shared/data."""
+"""Shared test fixtures: the repository root on sys.path and the shipped sample of CIFAR-10 (samples/)."""
 import contextlib
 import io
 import os
@@ -12,20 +12,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED_DATA = Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
-CIFAR10_SMALL = SHARED_DATA / "cifar10_small.npz"
+CIFAR10_SAMPLE = REPO / "samples" / "cifar10_sample.npz"  # shipped: 1,000 / 200 real CIFAR-10 images (`--dataset sample`)
 
 
-def require_cifar10_small():
-    """Path to ../shared/data/cifar10_small.npz; skips the test when the folder is absent (a user's clone)."""
-    if not CIFAR10_SMALL.exists():
-        pytest.skip(f"{CIFAR10_SMALL} not found: the small offline datasets live in ../shared/data")
-    return CIFAR10_SMALL
+def require_cifar10_sample():
+    """Path to the shipped sample of CIFAR-10 (every clone has it, so nothing skips)."""
+    assert CIFAR10_SAMPLE.exists(), f"{CIFAR10_SAMPLE} is missing: it ships with the repository"
+    return CIFAR10_SAMPLE
 
 
 @pytest.fixture
-def cifar10_small():
-    return require_cifar10_small()
+def cifar10_sample():
+    return require_cifar10_sample()
 
 
 def read_summary(out_dir):

@@ -311,9 +311,9 @@ def test_docstring_commands_parse_and_the_imagenet_one_is_section_4_2s():
 
 
 # ---- the script end to end ----
-def test_script_writes_checkpoint_summary_and_discriminator_accuracies(cifar10_small, tmp_path):
+def test_script_writes_checkpoint_summary_and_discriminator_accuracies(cifar10_sample, tmp_path):
     out = tmp_path / "run"
-    result = run_script("amln.py", *TINY_RUN, "--dataset", cifar10_small, "--out-dir", out, isolated=True)
+    result = run_script("amln.py", *TINY_RUN, "--dataset", cifar10_sample, "--out-dir", out, isolated=True)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["deployed"] == "peer1"
@@ -327,8 +327,8 @@ def test_script_writes_checkpoint_summary_and_discriminator_accuracies(cifar10_s
     assert 0 <= losses["d_acc_peer1_stage1"] <= 1
 
 
-def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
-    straight, split = check_resume_equals_uninterrupted("amln.py", [*TINY_RUN, "--dataset", cifar10_small], tmp_path)
+def test_resumed_run_equals_uninterrupted_run(cifar10_sample, tmp_path):
+    straight, split = check_resume_equals_uninterrupted("amln.py", [*TINY_RUN, "--dataset", cifar10_sample], tmp_path)
     logs = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["losses"] for run in (straight, split)]
     assert logs[0] == logs[1]  # the discriminators and their optimizer were restored too
 
@@ -338,8 +338,8 @@ def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
     (["--models", "resnet20"], "--models"),
     (["--temperature", "0"], "--temperature"),
 ])
-def test_bad_input_gives_one_line_error(args, message, cifar10_small):
-    result = run_script("amln.py", *TINY_RUN, "--dataset", cifar10_small, *args)
+def test_bad_input_gives_one_line_error(args, message, cifar10_sample):
+    result = run_script("amln.py", *TINY_RUN, "--dataset", cifar10_sample, *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

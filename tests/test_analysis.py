@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis import MinibatchCKA, branch_outputs, budgeted_batch_curve, exit_thresholds, linear_cka, main
-from conftest import CIFAR10_SMALL, REPO, TINY_RUN, require_cifar10_small, run_script
+from conftest import CIFAR10_SAMPLE, REPO, TINY_RUN, require_cifar10_sample, run_script
 
 
 # ---- linear CKA ----
@@ -129,9 +129,9 @@ def test_diversity_reaches_the_branches_of_a_css_network():
 # ---- every subcommand end to end, on a tiny TNA run ----
 @pytest.fixture(scope="module")
 def tna_run(tmp_path_factory):
-    require_cifar10_small()
+    require_cifar10_sample()
     out = tmp_path_factory.mktemp("analysis") / "tna_run"
-    result = run_script("tna.py", *TINY_RUN, "--dataset", CIFAR10_SMALL, "--out-dir", out)
+    result = run_script("tna.py", *TINY_RUN, "--dataset", CIFAR10_SAMPLE, "--out-dir", out)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -169,7 +169,7 @@ def test_probes_subcommand(tna_run):
 def test_corruption_subcommand_on_a_cifar_c_folder(tna_run, tmp_path):
     """An 'identity' corruption (the clean test images at every severity) must score exactly the clean
     accuracy on the same images: the corrupted images are normalised as the run's own data."""
-    with np.load(CIFAR10_SMALL) as data:
+    with np.load(CIFAR10_SAMPLE) as data:
         images, labels = data["x_test"][:40], data["y_test"][:40]
     noisy = np.clip(images + np.random.default_rng(0).normal(0, 40, images.shape), 0, 255).astype(np.uint8)
     np.save(tmp_path / "identity.npy", np.concatenate([images] * 5))
@@ -232,9 +232,9 @@ def test_msdnet_subcommand(tmp_path):
     from models import MODEL_NAMES
     if "msdnet5" not in MODEL_NAMES:
         pytest.skip("models.py does not build msdnet5 yet")
-    require_cifar10_small()
+    require_cifar10_sample()
     out = tmp_path / "sila_msdnet"
-    trained = run_script("sila.py", *TINY_RUN, "--model", "msdnet5", "--subset", "128", "--dataset", CIFAR10_SMALL, "--out-dir", out)
+    trained = run_script("sila.py", *TINY_RUN, "--model", "msdnet5", "--subset", "128", "--dataset", CIFAR10_SAMPLE, "--out-dir", out)
     assert trained.returncode == 0, trained.stderr
     rows = run_analysis(out, "msdnet", out, "--val-size", "32")
     anytime = [float(row["mmacs_per_image"]) for row in rows if row["evaluation"] == "anytime"]

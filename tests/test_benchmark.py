@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.throughput import OpCounter, TimedLoader, ops_per_step
 
-from conftest import REPO, require_cifar10_small
+from conftest import REPO, require_cifar10_sample
 
 
 def test_op_counter_counts_computing_operations_not_views():
@@ -41,7 +41,7 @@ def test_timed_loader_times_the_steps_between_batches_after_warmup():
 
 
 def test_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
-    dataset = require_cifar10_small()
+    dataset = require_cifar10_sample()
     out = tmp_path / "throughput.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--methods", "tna,fdl",
                              "--models", "convnet", "--steps", "2", "--repeats", "1", "--profile", "fdl",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import css
-from conftest import CIFAR10_SMALL, TINY_RUN, parse_error, read_summary, require_cifar10_small, run_script
+from conftest import CIFAR10_SAMPLE, TINY_RUN, parse_error, read_summary, require_cifar10_sample, run_script
 from models import MODEL_NAMES, Head, build_model
 
 # the end-to-end runs: TINY_RUN on 128 images (2 steps of 64)
@@ -257,9 +257,9 @@ def test_docstring_headline_command_is_the_authors_experiment():
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """Two epochs without interruption, shared by the output and resume tests (each run costs seconds)."""
-    require_cifar10_small()
+    require_cifar10_sample()
     out = tmp_path_factory.mktemp("css") / "straight"
-    result = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", out,
+    result = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SAMPLE, "--out-dir", out,
                         isolated=True)
     assert result.returncode == 0, result.stderr
     return out
@@ -280,7 +280,7 @@ def test_script_writes_checkpoint_summary_and_branch_accuracies(straight_run):
 
 def test_resumed_run_equals_uninterrupted_run(straight_run, tmp_path):
     split = tmp_path / "split"
-    first = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SMALL, "--out-dir", split,
+    first = run_script("css.py", *CSS_RUN, "--epochs", "2", "--dataset", CIFAR10_SAMPLE, "--out-dir", split,
                        "--stop-after", "1")
     assert first.returncode == 0 and not (split / "summary.json").exists()
     resumed = run_script("css.py", "--resume", split)
@@ -309,7 +309,7 @@ def test_backbone_that_cannot_be_branched_is_refused():
         css.build_networks(args, 10, 32)
 
 
-def test_unmaskable_backbone_gives_one_line_error_from_the_script(cifar10_small):
-    result = run_script("css.py", *CSS_RUN, "--dataset", cifar10_small, "--model", "vit_s16")
+def test_unmaskable_backbone_gives_one_line_error_from_the_script(cifar10_sample):
+    result = run_script("css.py", *CSS_RUN, "--dataset", cifar10_sample, "--model", "vit_s16")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--no-mask" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

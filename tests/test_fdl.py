@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, parse_error, read_summary, require_cifar10_small, run_script
+from conftest import TINY_RUN, parse_error, read_summary, require_cifar10_sample, run_script
 from fdl import (
     ConvOutputRecorder,
     all_pairs_feature_difference_loss,
@@ -119,13 +119,13 @@ def test_defaults_are_the_authors_vgg16_cifar100_setting():
     assert parse_args(["--num-nets", "4", "--model", "resnet20"]).pretrain_epochs == 1
 
 
-def test_every_sub_step_forwards_all_networks_and_the_lrs_follow_the_authors(cifar10_small, tmp_path):
+def test_every_sub_step_forwards_all_networks_and_the_lrs_follow_the_authors(cifar10_sample, tmp_path):
     """With 3 networks the similarity sub-step forwards all of them (authors' code), so every BatchNorm counts
     each joint batch 3 times (CE, similarity, FDL; the head runs the bases in eval mode) and each pretrain batch
     once. The FDL and head lrs default to the authors' values for a CIFAR ResNet on 10 classes."""
     out = tmp_path / "run"
     result = run_script("fdl.py", *TINY_RUN, "--model", "resnet20", "--subset", "32", "--batch-size", "16", "--epochs", "2",
-                        "--pretrain-epochs", "1", "--num-nets", "3", "--dataset", cifar10_small, "--out-dir", out)
+                        "--pretrain-epochs", "1", "--num-nets", "3", "--dataset", cifar10_sample, "--out-dir", out)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     steps_per_epoch = checkpoint["schedulers"]["main"]["last_epoch"] // 2
@@ -145,10 +145,10 @@ FDL_RUN = [*TINY_RUN, "--subset", "128", "--epochs", "3", "--pretrain-epochs", "
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    from conftest import CIFAR10_SMALL
-    require_cifar10_small()
+    from conftest import CIFAR10_SAMPLE
+    require_cifar10_sample()
     out = tmp_path_factory.mktemp("fdl") / "straight"
-    result = run_script("fdl.py", *FDL_RUN, "--dataset", CIFAR10_SMALL, "--out-dir", out, isolated=True)
+    result = run_script("fdl.py", *FDL_RUN, "--dataset", CIFAR10_SAMPLE, "--out-dir", out, isolated=True)
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -171,10 +171,10 @@ def test_script_writes_checkpoint_and_summary(straight_run):
     assert [losses["fdl"] < 0 for losses in records] == [False, False, True] and records[-1]["similarity"] > 0
 
 
-def test_resumed_run_equals_uninterrupted_run_across_the_pretrain_phase(straight_run, cifar10_small, tmp_path):
+def test_resumed_run_equals_uninterrupted_run_across_the_pretrain_phase(straight_run, cifar10_sample, tmp_path):
     """Stopped during the pretrain phase (after epoch 1 of 2), then right after it (epoch 2), then run to the end."""
     split = tmp_path / "split"
-    first = run_script("fdl.py", *FDL_RUN, "--dataset", cifar10_small, "--out-dir", split, "--stop-after", "1")
+    first = run_script("fdl.py", *FDL_RUN, "--dataset", cifar10_sample, "--out-dir", split, "--stop-after", "1")
     assert first.returncode == 0 and not (split / "summary.json").exists()
     second = run_script("fdl.py", "--resume", split, "--stop-after", "2")
     assert second.returncode == 0 and not (split / "summary.json").exists(), second.stderr
@@ -196,7 +196,7 @@ def test_bad_input_gives_one_line_error(args, message, capsys):
     assert message in parse_error(parse_args, args, capsys)
 
 
-def test_bad_input_from_the_command_line(cifar10_small):
-    result = run_script("fdl.py", *TINY_RUN, "--dataset", cifar10_small, "--num-nets", "1")
+def test_bad_input_from_the_command_line(cifar10_sample):
+    result = run_script("fdl.py", *TINY_RUN, "--dataset", cifar10_sample, "--num-nets", "1")
     assert result.returncode != 0 and result.stderr.startswith("fdl.py: error: --num-nets must be 2, 3 or 4")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

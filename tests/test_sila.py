@@ -150,9 +150,9 @@ def run_and_read(out, *extra, dataset):
     return checkpoint, summary, json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["losses"]
 
 
-def test_two_networks_write_checkpoint_and_summary(cifar10_small, tmp_path):
+def test_two_networks_write_checkpoint_and_summary(cifar10_sample, tmp_path):
     extra = ["--models", "convnet,resnet20", "--plus-ce", "--betas", "1", "0.5", "--dml"]
-    checkpoint, summary, losses = run_and_read(tmp_path / "run", *extra, dataset=cifar10_small)
+    checkpoint, summary, losses = run_and_read(tmp_path / "run", *extra, dataset=cifar10_sample)
     assert set(checkpoint["networks"]) == set(summary["networks"]) == {"net1", "net2"}
     assert summary["ensemble"] is not None
     assert {"loss", "sila", "ce_net1", "ce_net2", "kl_net1", "kl_net2"} == set(losses)
@@ -160,19 +160,19 @@ def test_two_networks_write_checkpoint_and_summary(cifar10_small, tmp_path):
                                            + losses["kl_net1"] + losses["kl_net2"], rel=1e-4)
 
 
-def test_msdnet_exits_write_checkpoint_and_summary(cifar10_small, tmp_path):
+def test_msdnet_exits_write_checkpoint_and_summary(cifar10_sample, tmp_path):
     """Dynamic SiLa: one MSDNet, every exit reported, net1 = its last exit, no ensemble. Untrained exits
     predict near-uniformly over the 5 * 10 siamese classes, so the SiLa loss starts near 5 log 50."""
-    checkpoint, summary, losses = run_and_read(tmp_path / "run", *MSDNET_RUN, dataset=cifar10_small)
+    checkpoint, summary, losses = run_and_read(tmp_path / "run", *MSDNET_RUN, dataset=cifar10_sample)
     assert set(checkpoint["networks"]) == {"net1"} and summary["ensemble"] is None
     assert set(summary["networks"]) == {"exit1", "exit2", "exit3", "exit4", "exit5", "net1"}
     assert summary["networks"]["exit5"] == summary["networks"]["net1"]
     assert losses["sila"] == pytest.approx(5 * math.log(50), rel=0.05)
 
 
-def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(cifar10_sample, tmp_path):
     """On the DML baseline (--no-sila --dml): each network's own CE plus its KL, no SiLa term."""
-    straight, _ = check_resume_equals_uninterrupted("sila.py", [*TINY_RUN, *SMALL, "--dataset", cifar10_small,
+    straight, _ = check_resume_equals_uninterrupted("sila.py", [*TINY_RUN, *SMALL, "--dataset", cifar10_sample,
                                                                "--no-sila", "--dml"], tmp_path)
     losses = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["losses"]
     assert set(losses) == {"loss", "ce_net1", "ce_net2", "kl_net1", "kl_net2"}
@@ -186,14 +186,15 @@ def test_resumed_run_equals_uninterrupted_run(cifar10_small, tmp_path):
     (["--model", "msdnet5", "--models", "convnet,resnet20"], "--model msdnet* without --models"),
     (["--models", "msdnet5,resnet18"], "--model msdnet* without --models"),
     (["--models", "convnet"], "at least 2 networks"),
-    (["--betas", "1", "-1"], "--betas must be >= 0"),
+    (["--betas", "1", "-1"], "--betas: expected a number >= 0"),
+    (["--betas", "0", "0"], "--betas must not be all 0"),
     (["--no-sila", "--plus-ce"], "--plus-ce"),
 ])
 def test_bad_arguments_are_rejected_by_the_parser(args, message, capsys):
     assert message in parse_error(parse_args, args, capsys)
 
 
-def test_betas_not_matching_the_msdnet_exits_give_one_line_error(cifar10_small):
-    result = run_script("sila.py", *TINY_RUN, *MSDNET_RUN, "--dataset", cifar10_small, "--betas", "1", "1")
+def test_betas_not_matching_the_msdnet_exits_give_one_line_error(cifar10_sample):
+    result = run_script("sila.py", *TINY_RUN, *MSDNET_RUN, "--dataset", cifar10_sample, "--betas", "1", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["sila.py: error: --betas has 2 values but there are 5 exits in msdnet5"]

@@ -185,9 +185,9 @@ def test_no_detach_step_is_the_tna_authors_dml():
             torch.testing.assert_close(got, p - 0.5 * p.grad)
 
 
-def test_dml_sequential_run_moves_batchnorm_statistics_once_per_step(cifar10_small, tmp_path):
+def test_dml_sequential_run_moves_batchnorm_statistics_once_per_step(cifar10_sample, tmp_path):
     out = tmp_path / "seq"
-    result = run_script("dml.py", *TINY_RUN, "--model", "resnet20", "--subset", "128", "--dataset", cifar10_small,
+    result = run_script("dml.py", *TINY_RUN, "--model", "resnet20", "--subset", "128", "--dataset", cifar10_sample,
                         "--sequential", "--num-students", "3", "--out-dir", out)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -204,7 +204,7 @@ def test_dml_sequential_and_no_detach_exclude_each_other(capsys):
 
 # ---- mixed precision: losses between networks in fp32 ----
 @pytest.mark.parametrize("term", ["tna_match", "dml_kl"])
-def test_bf16_step_matching_loss_equals_fp32(term, cifar10_small):
+def test_bf16_step_matching_loss_equals_fp32(term, cifar10_sample):
     """Two near-identical twins (late in training): under bf16 autocast the term between them must
     equal fp32's closely; with bf16 logits, rounding (~0.4% of a logit) swamps their difference."""
     import numpy as np
@@ -214,7 +214,7 @@ def test_bf16_step_matching_loss_equals_fp32(term, cifar10_small):
     twin = copy.deepcopy(base)
     with torch.no_grad():
         twin.head.fc.weight.mul_(1.01)
-    images = torch.from_numpy(np.load(cifar10_small)["x_train"][:64]).permute(0, 3, 1, 2).float() / 255
+    images = torch.from_numpy(np.load(cifar10_sample)["x_train"][:64]).permute(0, 3, 1, 2).float() / 255
     labels = torch.zeros(64, dtype=torch.long)
 
     def between(logits_a, logits_b):
@@ -268,10 +268,10 @@ def test_bad_reinit_part_is_a_clear_error(flags, message):
         _tna_networks("--twin-init", "copy", *flags)
 
 
-def test_identical_twins_warn_and_their_matching_term_stays_zero(cifar10_small, tmp_path, capsys):
+def test_identical_twins_warn_and_their_matching_term_stays_zero(cifar10_sample, tmp_path, capsys):
     tna_parse_args(["--twin-init", "copy"])
     assert "matching term stays 0" in capsys.readouterr().err
-    result = run_script("tna.py", *TINY_RUN, "--dataset", cifar10_small, "--twin-init", "copy",
+    result = run_script("tna.py", *TINY_RUN, "--dataset", cifar10_sample, "--twin-init", "copy",
                         "--out-dir", tmp_path / "c")
     assert result.returncode == 0 and "warning" in result.stderr
     record = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -299,9 +299,9 @@ def test_dml_defaults_are_amln_cifar_protocol():
 # ---- the scripts end to end ----
 @pytest.mark.parametrize("script,extra", [("tna.py", ["--alpha", "5e-3"]), ("dml.py", []),
                                           ("dml.py", ["--sequential", "--num-students", "3"])])
-def test_script_writes_checkpoint_and_summary(script, extra, cifar10_small, tmp_path):
+def test_script_writes_checkpoint_and_summary(script, extra, cifar10_sample, tmp_path):
     out = tmp_path / "run"
-    result = run_script(script, *TINY_RUN, "--dataset", cifar10_small, "--out-dir", out, *extra, isolated=True)
+    result = run_script(script, *TINY_RUN, "--dataset", cifar10_sample, "--out-dir", out, *extra, isolated=True)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["method"] == script[:-3]
@@ -314,25 +314,25 @@ def test_script_writes_checkpoint_and_summary(script, extra, cifar10_small, tmp_
 
 
 @pytest.mark.parametrize("script", ["tna.py", "dml.py"])
-def test_resumed_run_equals_uninterrupted_run(script, cifar10_small, tmp_path):
-    check_resume_equals_uninterrupted(script, [*TINY_RUN, "--dataset", cifar10_small], tmp_path)
+def test_resumed_run_equals_uninterrupted_run(script, cifar10_sample, tmp_path):
+    check_resume_equals_uninterrupted(script, [*TINY_RUN, "--dataset", cifar10_sample], tmp_path)
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(cifar10_small, tmp_path):
+def test_torchrun_two_processes_on_cpu(cifar10_sample, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
-    result = run_script("tna.py", *TINY_RUN, "--dataset", cifar10_small, "--out-dir", tmp_path / "ddp",
+    result = run_script("tna.py", *TINY_RUN, "--dataset", cifar10_sample, "--out-dir", tmp_path / "ddp",
                         launcher=torchrun, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_summary(tmp_path / "ddp")
     assert summary["args"]["batch_size"] == 64 and 0 <= summary["deployed"]["top1"] <= 1
 
 
-def test_training_learns(cifar10_small, tmp_path):
-    """ConvNet, 3 epochs on 2,000 cifar10_small images: chance is 10%; on the 1,000 test images its
+def test_training_learns(cifar10_sample, tmp_path):
+    """ConvNet, 3 epochs on 2,000 cifar10_sample images: chance is 10%; on the 1,000 test images its
     standard error is about 1%, so 20% is 10 standard errors above chance, while this run reaches
     about 30% (measured here; 3 epochs on all 5,000 images reach 31-34%)."""
-    result = run_script("tna.py", "--model", "convnet", "--dataset", cifar10_small, "--subset", "2000", "--epochs", "3",
+    result = run_script("tna.py", "--model", "convnet", "--dataset", cifar10_sample, "--subset", "2000", "--epochs", "3",
                         "--batch-size", "32", "--lr", "0.05", "--amp", "off", "--out-dir", tmp_path / "learn")
     assert result.returncode == 0, result.stderr
     assert read_summary(tmp_path / "learn")["deployed"]["top1"] > 0.20
@@ -344,8 +344,8 @@ def test_training_learns(cifar10_small, tmp_path):
     (["--alpha", "-1"], "--alpha"),
     (["--resume", "/nonexistent/run"], "/nonexistent/run"),
 ])
-def test_bad_input_gives_one_line_error(args, message, cifar10_small):
-    base = ["--dataset", cifar10_small] if "--dataset" not in args else []
+def test_bad_input_gives_one_line_error(args, message, cifar10_sample):
+    base = ["--dataset", cifar10_sample] if "--dataset" not in args else []
     result = run_script("tna.py", *TINY_RUN, *base, *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and message in result.stderr
