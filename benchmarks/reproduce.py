@@ -439,20 +439,21 @@ def css_rows():
 # ResNet-20 pairs, 32x32 images from --data, batch 128, cosine schedule; sized from one measured epoch per script
 CPU = "--model resnet20 --dataset {data} --epochs %d --batch-size 128 --lr 0.1 --schedule cosine --weight-decay 5e-4 --amp off"
 CPU_EPOCHS = 3
-CPU_ROWS = [("tna", "tna.py", "--alpha 5e-3", "--alpha 0", "base.top1"),
-            ("dml", "dml.py", "", "--kl-weight 0", "student1.top1"),
-            ("sila", "sila.py", "", "--no-sila", "net1.top1"),
-            ("fdl", "fdl.py", "--pretrain-epochs 1", "--pretrain-epochs 1 --no-fdl --no-similarity", "deployed.top1"),
-            ("amln", "amln.py", "", VANILLA, "peer1.top1"),
-            ("css", "css.py", "", CSS_BASELINE, "net1.top1")]
+CPU_ROWS = [  # (name, script, method flags, baseline flags, what the method reports, what its baseline reports)
+    ("tna", "tna.py", "--alpha 5e-3", "--alpha 0", "base.top1", "base.top1"),
+    ("dml", "dml.py", "", "--kl-weight 0", "student1.top1", "student1.top1"),
+    ("sila", "sila.py", "", "--no-sila", "net1.top1", "net1.top1"),
+    ("fdl", "fdl.py", "--pretrain-epochs 1", "--pretrain-epochs 1 --no-fdl --no-similarity", "deployed.top1", "net1.top1"),
+    ("amln", "amln.py", "", VANILLA, "peer1.top1", "peer1.top1"),
+    ("css", "css.py", "", CSS_BASELINE, "net1.top1", "net1.top1")]
 
 
 def cpu_rows():
     rows = []
     recipe = CPU % CPU_EPOCHS
-    for name, script, method, baseline, reads in CPU_ROWS:
-        rows += [Row(f"cpu-{name}-baseline", script, f"{recipe} {baseline}".strip(), reads.replace("deployed", "net1"),
-                     source="CPU tier", note="independent training through the method's own switches"),
+    for name, script, method, baseline, reads, baseline_reads in CPU_ROWS:
+        rows += [Row(f"cpu-{name}-baseline", script, f"{recipe} {baseline}".strip(), baseline_reads, source="CPU tier",
+                     note="independent training through the method's own switches"),
                  Row(f"cpu-{name}", script, f"{recipe} {method}".strip(), reads, baseline=f"cpu-{name}-baseline",
                      source="CPU tier")]
     return rows
@@ -481,9 +482,10 @@ def select(patterns):
 
 
 def check_data(rows, data):
-    needing = [row.id for row in rows if "{data}" in row.args]
+    needing = sorted({row.id for row in rows if "{data}" in row.args})
     if needing and (not data or not Path(data).is_file()):
-        fail(f"{needing[0]}{' and others' if len(needing) > 1 else ''} need --data PATH: a .npz of 32x32 RGB images "
+        fail(f"{'rows ' + ', '.join(needing) + ' need' if len(needing) > 1 else 'row ' + needing[0] + ' needs'} --data PATH: "
+             "a .npz of 32x32 RGB images "
              "(x_train, y_train, x_test, y_test), sized for 100 classes, 10,000 training and 2,000 test images"
              + (f"; {data} does not exist" if data else ""))
 
@@ -624,9 +626,8 @@ def start(job, args, env):
 
 
 def run_command(args):
-    rows = select(args.ids)
-    check_data(rows, args.data)
-    jobs = plan(rows, args.seeds, args.out_dir)
+    jobs = plan(select(args.ids), args.seeds, args.out_dir)
+    check_data([row for _, row, _, _ in jobs], args.data)
     todo = [job for job in jobs if run_state(job[0]) != "finished"]
     print(f"# {len(jobs)} runs: {len(jobs) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
     if args.dry_run:
@@ -725,11 +726,16 @@ def report_command(args):
         print(f"| {line['row']} | {line['reads']} | {paper} | {status(line)} | {baseline} | {gain} | {within} |")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of the whole usage block
+        fail(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="the rows, their paper values and epochs")
     listing.add_argument("patterns", nargs="*", help="row ids or shell-style patterns ('tna-t1-*'); default all")
