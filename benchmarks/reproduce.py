@@ -22,10 +22,15 @@ not part of a run's identity, so give a variant of a row its own `--out-dir`.
 the baseline's, both gains, and whether the paper's value lies within our mean ± 2 std. Unfinished
 and missing seeds are listed as such, never averaged in.
 
-The CPU tier (`cpu-*` rows) is every method and its baseline at a scale that runs on a laptop: a
-ResNet-20 pair, a few epochs of a 32x32 image set given with `--data PATH.npz` (sized on a 100-class,
-10,000-image Tiny ImageNet subset). At that scale seed noise is as large as the methods' gains: the tier
-shows that the pipeline works and how large the spread is, not which method wins.
+The CPU tier (`cpu-*` rows) is every method and its baseline at a scale that runs on a laptop: TNA's
+ConvNet, 4 epochs of a 32x32 image set given with `--data PATH.npz` (sized on a 100-class, 10,000-image
+Tiny ImageNet subset), under an hour for 3 seeds on 2 cores:
+
+    python benchmarks/reproduce.py run 'cpu-*' --data tinyimagenet100_small.npz --jobs 2
+    python benchmarks/reproduce.py report 'cpu-*'
+
+At that scale seed noise is as large as the methods' gains: the tier shows that the pipeline works and
+how large the spread is, not which method wins.
 """
 import argparse
 import csv
@@ -310,7 +315,7 @@ def fdl_rows():
             ("imagenet", "resnet50", FDL_IN, " --head-lr 0.01", (76.38, 76.96, 77.06))]:
         base = f"--model {model} --dataset {dataset} --num-nets 2 {recipe}{extra}"
         row_id = f"fdl-{model}-{dataset}"
-        rows += [Row(f"{row_id}-single", "fdl.py", f"{base} --no-fdl --no-similarity", "net1.best", single, seeds=1,
+        rows += [Row(f"{row_id}-single", "fdl.py", f"{base} --no-fdl --no-similarity", "base1.best", single, seeds=1,
                      source="FDL poster table", note="1x baseline: a network of the independent pair"),
                  Row(f"{row_id}-rie", "fdl.py", f"{base} --no-fdl --no-similarity", "deployed.best", rie,
                      baseline=f"{row_id}-single", seeds=1, source="FDL poster table",
@@ -436,14 +441,19 @@ def css_rows():
 
 
 # ==== the CPU tier: every method and its baseline, small enough for 2 CPU cores ====
-# ResNet-20 pairs, 32x32 images from --data, batch 128, cosine schedule; sized from one measured epoch per script
-CPU = "--model resnet20 --dataset {data} --epochs %d --batch-size 128 --lr 0.1 --schedule cosine --weight-decay 5e-4 --amp off"
-CPU_EPOCHS = 3
+# TNA's ConvNet pairs, 32x32 images from --data, batch 128, cosine schedule, fp32 (bf16 autocast is slower on most CPUs)
+CPU = "--model convnet --dataset {data} --epochs %d --batch-size 128 --lr 0.1 --schedule cosine --weight-decay 5e-4 --amp off"
+CPU_EPOCHS = 4
+# Measured: seconds for one run of 1 epoch (start-up, the 10,000 training images, the 2,000 test images), method and
+# baseline, OMP_NUM_THREADS=1, on a 2-core machine shared with other jobs (load 3-4). The tier's 36 runs with --jobs 2
+# then take about 3 * (12 * 10 s + 4 * (sum - 12 * 10 s)) / 2 = 49 minutes; less on a quiet machine.
+CPU_SECONDS = {"tna": (36, 38), "dml": (50, 47), "sila": (41, 50), "fdl": (97, 47), "amln": (45, 44), "css": (62, 26)}
+CPU_START_SECONDS = 10
 CPU_ROWS = [  # (name, script, method flags, baseline flags, what the method reports, what its baseline reports)
     ("tna", "tna.py", "--alpha 5e-3", "--alpha 0", "base.top1", "base.top1"),
     ("dml", "dml.py", "", "--kl-weight 0", "student1.top1", "student1.top1"),
     ("sila", "sila.py", "", "--no-sila", "net1.top1", "net1.top1"),
-    ("fdl", "fdl.py", "--pretrain-epochs 1", "--pretrain-epochs 1 --no-fdl --no-similarity", "deployed.top1", "net1.top1"),
+    ("fdl", "fdl.py", "--pretrain-epochs 1", "--pretrain-epochs 1 --no-fdl --no-similarity", "deployed.top1", "base1.top1"),
     ("amln", "amln.py", "", VANILLA, "peer1.top1", "peer1.top1"),
     ("css", "css.py", "", CSS_BASELINE, "net1.top1", "net1.top1")]
 
@@ -452,10 +462,11 @@ def cpu_rows():
     rows = []
     recipe = CPU % CPU_EPOCHS
     for name, script, method, baseline, reads, baseline_reads in CPU_ROWS:
+        minutes = [(CPU_START_SECONDS + CPU_EPOCHS * (seconds - CPU_START_SECONDS)) / 60 for seconds in CPU_SECONDS[name]]
         rows += [Row(f"cpu-{name}-baseline", script, f"{recipe} {baseline}".strip(), baseline_reads, source="CPU tier",
-                     note="independent training through the method's own switches"),
+                     note=f"about {minutes[1]:.0f} min per seed (measured on a shared machine); the method's own switches off"),
                  Row(f"cpu-{name}", script, f"{recipe} {method}".strip(), reads, baseline=f"cpu-{name}-baseline",
-                     source="CPU tier")]
+                     source="CPU tier", note=f"about {minutes[0]:.0f} min per seed (measured on a shared machine)")]
     return rows
 
 
@@ -606,7 +617,7 @@ def list_command(args):
         paper = fmt(row.paper, row.std)
         also = ", ".join(f"{reads.rsplit('.', 1)[1]} {value}" for reads, value in row.also)
         tail = "  ".join(filter(None, [row.baseline and f"vs {row.baseline}", row.source, row.note, also and f"(also {also})"]))
-        print(f"{row.id:<{width}}  {Path(row.script).stem:<7} {row.epochs or '-':>6}  {paper:<14} {row.seeds or '?':>5}  "
+        print(f"{row.id:<{width}}  {Path(row.script).stem:<7} {row.epochs or '-':>6}  {paper:<14} {row.seeds or ('?' if row.paper is not None else '-'):>5}  "
               f"{row.reads:<16} {tail}")
         if args.commands:
             print(f"    python {row.script} {row.args}")

@@ -63,11 +63,17 @@ def check_names(script, args):
 
 
 # ---- the registry ----
+OUTPUTS = {"tna.py": {"base", "twin"}, "dml.py": {"student1", "student2"}, "sila.py": {"net1", "net2"},
+           "fdl.py": {"head", "base1", "base2"}, "amln.py": {"peer1", "peer2"}, "css.py": {"net1", "net2"}}
+
+
 def test_registry_rows_are_complete():
     for row in reproduce.REGISTRY:
         assert row.script in reproduce.SCRIPTS and row.epochs, row.id
-        output, metric = row.reads.rsplit(".", 1)
-        assert metric in ("top1", "top2", "top5", "nll", "best") and output, row.id
+        for reads in [row.reads, *(reads for reads, _ in row.also)]:  # outputs the script writes (see its predict)
+            output, metric = reads.rsplit(".", 1)
+            assert metric in ("top1", "top2", "top5", "nll", "best"), row.id
+            assert set(output.split("+")) <= OUTPUTS[row.script] | {"deployed", "ensemble", "mean"}, row.id
         assert all(dependency in reproduce.ROWS for dependency in row.needs), row.id
         assert row.source, row.id
     # the headline rows the issue names are there
@@ -104,9 +110,9 @@ def test_every_command_parses(row, capsys):
 
 
 # A sample of rows, one step each on 32 images of the small CIFAR-10 set (the CPU tier's rows on their own set)
-SAMPLE = ["tna-t1-convnet-cifar100", "tna-t1-resnet18-cifar10-single", "sila-t1-mobilenet-resnet18-sila-dml-net1",
-          "sila-msdnet-anytime-cifar100", "fdl-vgg16-cifar10-x2", "amln-t3-wrn_16_2-resnet32-cifar100-amln-net1",
-          "amln-t6-c-cifar10", "css-t5-a", "css-t4-resnet110-resnet56-net2", "amln-t2-resnet32-cifar10-dml",
+SAMPLE = ["tna-t1-convnet-cifar100", "sila-t1-mobilenet-resnet18-sila-dml-net1", "sila-msdnet-anytime-cifar100",
+          "fdl-vgg16-cifar10-x2", "amln-t3-wrn_16_2-resnet32-cifar100-amln-net1", "amln-t6-c-cifar10", "css-t5-a",
+          "amln-t2-resnet32-cifar10-dml",
           *[row.id for row in reproduce.REGISTRY if row.id.startswith("cpu-")]]
 
 
@@ -121,7 +127,10 @@ def test_sample_rows_train_one_step(row_id, tmp_path):
     result = run_script(row.script, *filled_argv(row), *tiny)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert row.reads.split(".")[0].split("+")[0] in {*summary["networks"], "deployed", "ensemble", "mean"}
+    for reads in [row.reads, *(reads for reads, _ in row.also)]:  # the row reads outputs the script writes
+        assert set(reads.rsplit(".", 1)[0].split("+")) <= {*summary["networks"], "deployed", "ensemble", "mean"}, reads
+        if "format_version" in summary:  # the summary format with networks_mean, best and top-2
+            assert 0 <= reproduce.read_value(summary, reads) <= (100 if not reads.endswith("nll") else float("inf"))
 
 
 # ---- reading summaries ----
