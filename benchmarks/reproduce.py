@@ -16,7 +16,9 @@ a folder with summary.json is finished and never touched again; one with checkpo
 with `--resume`; anything else starts afresh. `--dry-run` prints the commands, one per line, for a
 cluster's job script (a row that starts from another row's run, `{run:ID}`, is printed after it:
 keep that order). Arguments after `--` go to every command (e.g. `-- --data-dir /data`); they are
-not part of a run's identity, so give a variant of a row its own `--out-dir`.
+not part of a run's identity, so give a variant of a row its own `--out-dir`, e.g. CIFAR-10 from JPEG files:
+
+    python benchmarks/reproduce.py run 'tna-t1-*-cifar10' --out-dir runs/cifar10-jpeg -- --dataset folder:PATH
 
 `report` prints, per row, the paper's value, ours as mean ± sample std over the finished seeds (n),
 the baseline's, both gains, and whether the paper's value lies within our mean ± 2 std. Unfinished
@@ -768,6 +770,8 @@ def parse_args(argv=None):
     args.extra = extra
     if extra and args.command != "run":
         parser.error("arguments after -- are for `run`")
+    if {"--seed", "--out-dir", "--resume"} & set(extra):
+        parser.error("--seed, --out-dir and --resume are set per run by reproduce.py: use its --seeds and --out-dir")
     if args.command == "run" and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return args

@@ -332,4 +332,6 @@ def test_list_shows_paper_values_and_epochs():
 
 
 def test_arguments_after_the_separator_are_for_run_only(capsys):
-    parse_error(reproduce.parse_args, ["report", "--", "--epochs", "1"], capsys)
+    assert "for `run`" in parse_error(reproduce.parse_args, ["report", "--", "--epochs", "1"], capsys)
+    assert "set per run" in parse_error(reproduce.parse_args, ["run", "cpu-tna", "--", "--out-dir", "x"], capsys)
+    assert reproduce.parse_args(["run", "cpu-tna", "--jobs", "2", "--", "--amp", "bf16"]).extra == ["--amp", "bf16"]
