@@ -97,8 +97,9 @@ TNA_TINY = "--epochs 200 --batch-size 256 --lr {lr} --schedule cosine --weight-d
 TNA_R50 = "--epochs 90 --batch-size 256 --lr 0.2 --schedule cosine --weight-decay 1e-4"  # Table 9
 # Table 9: Adam, batch 1024, lr 1e-3, 90 epochs; choice: weight decay 1e-4 (unstated; Beyer et al. 2022's value)
 TNA_VIT = "--epochs 90 --batch-size 1024 --lr 1e-3 --optimizer adam --schedule cosine --weight-decay 1e-4"
-SILA = ("--epochs 260 --batch-size 128 --lr 0.1 --schedule multistep "  # SiLa section 4.1; factor and decay unstated:
-        "--milestones 30 55 80 105 135 160 180 200 220 240 --gamma 0.1 --weight-decay {wd}")  # 0.1, 5e-4 (1e-4 ImageNet)
+# SiLa section 4.1; the factor and the weight decay are unstated: choice: 0.1, and 5e-4 (1e-4 on ImageNet-100)
+SILA = ("--epochs 260 --batch-size 128 --lr 0.1 --schedule multistep "
+        "--milestones 30 55 80 105 135 160 180 200 220 240 --gamma 0.1 --weight-decay {wd}")
 SILA_MSD = "--epochs 300 --batch-size 64 --lr 0.1 --schedule multistep --milestones 150 225 --weight-decay 1e-4"  # 4.2
 SILA_MSD_IN = "--epochs 90 --batch-size 256 --lr 0.1 --schedule multistep --milestones 30 60 --weight-decay 1e-4"
 FDL = "--epochs 250 --batch-size 128 --lr 0.1 --nesterov --schedule cosine --weight-decay 5e-4"  # authors' code
@@ -106,7 +107,8 @@ FDL_IN = "--epochs 90 --batch-size 256 --lr 0.1 --schedule cosine --weight-decay
 AMLN = ("--epochs 600 --batch-size 128 --lr 0.1 --schedule multistep --milestones 200 400 "  # AMLN section 4.2
         "--nesterov --weight-decay 1e-4")
 AMLN_IN = "--epochs 90 --batch-size 128 --lr 0.1 --schedule multistep --milestones 30 60 --weight-decay 1e-4"
-CSS = "--epochs 300 --warmup-epochs 5 --batch-size 128 --lr 0.1 --schedule multistep --milestones 150 225 --weight-decay 5e-4"
+CSS = ("--epochs 300 --warmup-epochs 5 --batch-size 128 --lr 0.1 --schedule multistep --milestones 150 225 "
+       "--weight-decay 5e-4")  # CSS supplementary material, as in the authors' code
 
 
 def pairs(*printed):
@@ -117,7 +119,7 @@ def pairs(*printed):
 # ==== TNA on CNNs (anonymous submission, after Deckers et al. 2024, arXiv:2409.15849): 3 seeds per row (3.3) ====
 def tna_rows():
     rows = []
-    add = lambda *a, **k: rows.append(Row(*a, seeds=k.pop("seeds", 3), **k))  # noqa: E731
+    add = lambda *a, **k: rows.append(Row(*a, seeds=k.pop("seeds", 3), **k))
     # Table 1: (model, dataset, single, single std, TNA, TNA std)
     table1 = [("convnet", "cifar10", 86.84, .14, 87.07, .31), ("resnet18", "cifar10", 95.06, .05, 95.38, .18),
               ("mobilenetv2", "cifar10", 93.94, .22, 94.56, .32), ("convnet", "cifar100", 61.14, .37, 61.83, .36),
@@ -278,8 +280,9 @@ def sila_rows():
                 net_model = models.split(",")[k - 1] if mixed else models
                 row_id = f"sila-{table}-{models.replace(',', '-')}-{variant}" + (f"-net{k}" if len(printed) > 1 else "")
                 also = ((f"{prefix}{k}.top5", top5), (f"{prefix}{k}.best", best), (f"{prefix}{k}.nll", nll))
-                rows.append(Row(row_id, script, args, f"{prefix}{k}.top1", top1, also=also, source=f"SiLa Table {table[1]}",
-                                baseline=None if variant == "ind" else f"sila-{table}-{net_model}-ind"))
+                rows.append(Row(row_id, script, args, f"{prefix}{k}.top1", top1, also=also,
+                                baseline=None if variant == "ind" else f"sila-{table}-{net_model}-ind",
+                                source=f"SiLa Table {table[1]}"))
     for model, datasets in SILA_T3.items():
         for dataset, printed in datasets.items():
             topk = "top2" if dataset == "cifar10" else "top5"
@@ -293,12 +296,12 @@ def sila_rows():
                                     also=((f"{net}.{topk}", topk_value),), source="SiLa Table 3"))
     # Dynamic SiLa on MSDNet (section 4.2): anytime (Fig. 5) and budgeted (Fig. 4) curves, no printed numbers;
     # each exit is read, the curves come from `analysis.py msdnet RUN`
-    for name, model, dataset, recipe, extra in [("anytime-cifar100", "msdnet7", "cifar100", SILA_MSD, ""),
-                                                ("budgeted-cifar100", "msdnet5_lingrow", "cifar100", SILA_MSD,
-                                                 " --holdout 5000"),
-                                                ("anytime-imagenet100", "msdnet_imagenet", "imagenet100", SILA_MSD_IN, ""),
-                                                ("budgeted-imagenet100", "msdnet_imagenet", "imagenet100", SILA_MSD_IN,
-                                                 " --holdout 5000")]:
+    holdout = " --holdout 5000"  # budgeted: exit thresholds set on images held out from training
+    for name, model, dataset, recipe, extra in [
+            ("anytime-cifar100", "msdnet7", "cifar100", SILA_MSD, ""),
+            ("budgeted-cifar100", "msdnet5_lingrow", "cifar100", SILA_MSD, holdout),
+            ("anytime-imagenet100", "msdnet_imagenet", "imagenet100", SILA_MSD_IN, ""),
+            ("budgeted-imagenet100", "msdnet_imagenet", "imagenet100", SILA_MSD_IN, holdout)]:
         figure = "Fig. 4" if name.startswith("budgeted") else "Fig. 5"
         args = f"--model {model} --dataset {dataset} {recipe}{extra}"
         rows.append(Row(f"sila-msdnet-{name}-msdnet", "sila.py", f"{args} --no-sila", "net1.top1",
@@ -342,10 +345,11 @@ AMLN_T3 = {  # mixed pairs: (DML net1, net2, AMLN net1, net2); vanilla as in Tab
     "cifar100": {"wrn_16_2,resnet32": (73.55, 71.69, 75.88, 74.65), "wrn_40_2,resnet56": (76.67, 73.25, 76.76, 75.29)}}
 AMLN_T5 = {  # against offline KD: (AMLN net1, net2, vanilla net1, net2)
     "cifar10": {"wrn_40_1,resnet20": (94.42, 93.48, 93.16, 92.22), "wrn_16_2,wrn_16_1": (94.16, 92.92, 93.73, 91.38)},
-    "cifar100": {"resnet110,resnet20": (76.12, 72.44, 73.09, 68.76), "resnet110,resnet56": (76.74, 74.79, 73.09, 71.06)}}
-AMLN_T6 = {"a": ("--no-kl --no-adversarial --no-alignment", 93.10, 69.71), "b": ("--no-adversarial --no-alignment", 93.15, 70.98),
-           "c": ("--no-adversarial", 93.89, 73.24), "d": ("--no-alignment", 94.01, 74.16), "e": ("", 94.25, 74.69)}
+    "cifar100": {"resnet110,resnet20": (76.12, 72.44, 73.09, 68.76),
+                 "resnet110,resnet56": (76.74, 74.79, 73.09, 71.06)}}
 VANILLA = "--no-kl --no-adversarial --no-alignment"
+AMLN_T6 = {"a": (VANILLA, 93.10, 69.71), "b": ("--no-adversarial --no-alignment", 93.15, 70.98),  # (CIFAR-10, -100)
+           "c": ("--no-adversarial", 93.89, 73.24), "d": ("--no-alignment", 94.01, 74.16), "e": ("", 94.25, 74.69)}
 
 
 def amln_rows():
@@ -369,21 +373,21 @@ def amln_rows():
                                     baseline=f"amln-t2-{model}-{dataset}-vanilla", source="AMLN Table 3"))
     for dataset, table in AMLN_T5.items():
         for models, printed in table.items():
-            row_id = f"amln-t5-{models.replace(',', '-')}-{dataset}"
+            row_id, args = f"amln-t5-{models.replace(',', '-')}-{dataset}", f"--models {models} --dataset {dataset}"
             for k in (1, 2):
-                rows.append(Row(f"{row_id}-vanilla-net{k}", "amln.py", f"--models {models} --dataset {dataset} {VANILLA} {AMLN}",
-                                f"peer{k}.top1", printed[1 + k], source="AMLN Table 5",
-                                note="the paper takes the vanilla values from Heo et al. (FT)"))
-                rows.append(Row(f"{row_id}-net{k}", "amln.py", f"--models {models} --dataset {dataset} {AMLN}",
-                                f"peer{k}.top1", printed[k - 1], baseline=f"{row_id}-vanilla-net{k}", source="AMLN Table 5"))
+                rows.append(Row(f"{row_id}-vanilla-net{k}", "amln.py", f"{args} {VANILLA} {AMLN}", f"peer{k}.top1",
+                                printed[1 + k], source="AMLN Table 5", note="vanilla quoted from Kim et al. 2018 (FT)"))
+                rows.append(Row(f"{row_id}-net{k}", "amln.py", f"{args} {AMLN}", f"peer{k}.top1", printed[k - 1],
+                                baseline=f"{row_id}-vanilla-net{k}", source="AMLN Table 5"))
     for case, (flags, cifar10, cifar100) in AMLN_T6.items():
         for dataset, value in (("cifar10", cifar10), ("cifar100", cifar100)):
-            rows.append(Row(f"amln-t6-{case}-{dataset}", "amln.py", f"--model resnet32 --dataset {dataset} {flags} {AMLN}".replace("  ", " "),
-                            "mean.top1", value, baseline=None if case == "a" else f"amln-t6-a-{dataset}",
-                            source="AMLN Table 6"))
-    rows += [Row("amln-t4-resnet34-imagenet-vanilla", "amln.py", f"--model resnet34 --dataset imagenet {VANILLA} {AMLN_IN}",
-                 "mean.top1", 73.31, source="AMLN Table 4"),
-             Row("amln-t4-resnet34-imagenet", "amln.py", f"--model resnet34 --dataset imagenet {AMLN_IN}", "mean.top1", 75.48,
+            args = f"--model resnet32 --dataset {dataset} {flags} {AMLN}".replace("  ", " ")
+            rows.append(Row(f"amln-t6-{case}-{dataset}", "amln.py", args, "mean.top1", value,
+                            baseline=None if case == "a" else f"amln-t6-a-{dataset}", source="AMLN Table 6"))
+    args = f"--model resnet34 --dataset imagenet {AMLN_IN}"  # Table 4, top-1 (top-5 too)
+    rows += [Row("amln-t4-resnet34-imagenet-vanilla", "amln.py", f"{args} {VANILLA}", "mean.top1", 73.31,
+                 also=(("mean.top5", 91.42),), source="AMLN Table 4"),
+             Row("amln-t4-resnet34-imagenet", "amln.py", args, "mean.top1", 75.48, also=(("mean.top5", 92.54),),
                  baseline="amln-t4-resnet34-imagenet-vanilla", source="AMLN Table 4")]
     return rows
 
@@ -392,13 +396,17 @@ def amln_rows():
 # Table 4's ResNet-110 pair (80.65, 80.76) averages to Table 1's 80.71 ====
 CSS_MODELS = {"resnet56": "resnet56_bottleneck", "resnet110": "resnet110_bottleneck", "wrn20_8": "wrn20_8",
               "resnext29": "resnext29_2x64d", "pyramidnet": "pyramidnet110_a84", "se_resnet110": "se_resnet110"}
-CSS_T1 = {"resnet56": (76.14, .38, 74.28, .36, 78.20, .15, 78.93, .09), "resnet110": (77.92, .34, 76.21, .57, 80.71, .17, 81.56, .34),
-          "wrn20_8": (79.39, .13, 78.03, .40, 81.12, .15, 81.40, .10), "resnext29": (80.96, .20, 79.43, .43, 82.83, .16, 83.36, .11),
-          "pyramidnet": (81.15, .07, 79.52, .14, 82.07, .13, 83.26, .10),
-          "se_resnet110": (78.58, .02, 76.83, .15, 80.42, .13, 81.44, .10)}  # DML, baseline, CSS, ensemble
+CSS_T1 = {  # DML, baseline, CSS, ensemble: mean, std each
+    "resnet56": (76.14, .38, 74.28, .36, 78.20, .15, 78.93, .09),
+    "resnet110": (77.92, .34, 76.21, .57, 80.71, .17, 81.56, .34),
+    "wrn20_8": (79.39, .13, 78.03, .40, 81.12, .15, 81.40, .10),
+    "resnext29": (80.96, .20, 79.43, .43, 82.83, .16, 83.36, .11),
+    "pyramidnet": (81.15, .07, 79.52, .14, 82.07, .13, 83.26, .10),
+    "se_resnet110": (78.58, .02, 76.83, .15, 80.42, .13, 81.44, .10)}
 CSS_T4 = {"resnet56": (80.29, .12, 78.70, .16, 80.54, .10), "resnet110": (80.65, .16, 80.76, .21, 81.56, .15),
           "se_resnet110": (80.68, .12, 80.56, .07, 81.82, .24), "pyramidnet": (81.02, .13, 82.90, .23, 83.33, .36)}
-CSS_T5 = {"a": ("--single-network --branches 4 --no-joint-labels", "net1", 79.88), "b": ("--single-network --branches 4", "net1", 80.15),
+CSS_T5 = {"a": ("--single-network --branches 4 --no-joint-labels", "net1", 79.88),
+          "b": ("--single-network --branches 4", "net1", 80.15),
           "c": ("--branches 2 --fixed-weights", "ensemble", 80.97), "d": ("--branches 2", "ensemble", 81.27)}
 CSS_BASELINE = "--single-network --branches 1 --no-mask"
 
@@ -407,15 +415,13 @@ def css_rows():
     rows = []
     for name, printed in CSS_T1.items():
         (dml, baseline, css, ensemble), model = pairs(*printed), CSS_MODELS[name]
-        row_id = f"css-t1-{name}"
-        rows += [Row(f"{row_id}-baseline", "css.py", f"--model {model} --dataset cifar100 {CSS_BASELINE} {CSS}", "net1.top1",
-                     *baseline, source="CSS Table 1"),
-                 Row(f"{row_id}-dml", "dml.py", f"--model {model} --dataset cifar100 {CSS}", "mean.top1", *dml,
-                     f"{row_id}-baseline", source="CSS Table 1"),
-                 Row(row_id, "css.py", f"--model {model} --dataset cifar100 {CSS}", "net1+net2.top1", *css,
-                     f"{row_id}-baseline", source="CSS Table 1"),
-                 Row(f"{row_id}-ensemble", "css.py", f"--model {model} --dataset cifar100 {CSS}", "ensemble.top1", *ensemble,
-                     f"{row_id}-baseline", source="CSS Table 1")]
+        row_id, args = f"css-t1-{name}", f"--model {model} --dataset cifar100 {CSS}"
+        rows += [Row(f"{row_id}-baseline", "css.py", f"{args} {CSS_BASELINE}", "net1.top1", *baseline,
+                     source="CSS Table 1"),
+                 Row(f"{row_id}-dml", "dml.py", args, "mean.top1", *dml, f"{row_id}-baseline", source="CSS Table 1"),
+                 Row(row_id, "css.py", args, "net1+net2.top1", *css, f"{row_id}-baseline", source="CSS Table 1"),
+                 Row(f"{row_id}-ensemble", "css.py", args, "ensemble.top1", *ensemble, f"{row_id}-baseline",
+                     source="CSS Table 1")]
     for name, printed in CSS_T4.items():
         net1, net2, ensemble = pairs(*printed)
         args = f"--model resnet110_bottleneck --dataset cifar100 {CSS}"
@@ -444,7 +450,8 @@ def css_rows():
 
 # ==== the CPU tier: every method and its baseline, small enough for 2 CPU cores ====
 # TNA's ConvNet pairs, 32x32 images from --data, batch 128, cosine schedule, fp32 (bf16 autocast is slower on most CPUs)
-CPU = "--model convnet --dataset {data} --epochs %d --batch-size 128 --lr 0.1 --schedule cosine --weight-decay 5e-4 --amp off"
+CPU = ("--model convnet --dataset {data} --epochs %d --batch-size 128 --lr 0.1 --schedule cosine --weight-decay 5e-4 "
+       "--amp off")
 CPU_EPOCHS = 4
 # Measured: seconds for one run of 1 epoch (start-up, the 10,000 training images, the 2,000 test images), method and
 # baseline, OMP_NUM_THREADS=1, on a 2-core machine shared with other jobs (load 3-4). The tier's 36 runs with --jobs 2
@@ -455,7 +462,8 @@ CPU_ROWS = [  # (name, script, method flags, baseline flags, what the method rep
     ("tna", "tna.py", "--alpha 5e-3", "--alpha 0", "base.top1", "base.top1"),
     ("dml", "dml.py", "", "--kl-weight 0", "student1.top1", "student1.top1"),
     ("sila", "sila.py", "", "--no-sila", "net1.top1", "net1.top1"),
-    ("fdl", "fdl.py", "--pretrain-epochs 1", "--pretrain-epochs 1 --no-fdl --no-similarity", "deployed.top1", "base1.top1"),
+    ("fdl", "fdl.py", "--pretrain-epochs 1", "--pretrain-epochs 1 --no-fdl --no-similarity", "deployed.top1",
+     "base1.top1"),
     ("amln", "amln.py", "", VANILLA, "peer1.top1", "peer1.top1"),
     ("css", "css.py", "", CSS_BASELINE, "net1.top1", "net1.top1")]
 
@@ -464,11 +472,11 @@ def cpu_rows():
     rows = []
     recipe = CPU % CPU_EPOCHS
     for name, script, method, baseline, reads, baseline_reads in CPU_ROWS:
-        minutes = [(CPU_START_SECONDS + CPU_EPOCHS * (seconds - CPU_START_SECONDS)) / 60 for seconds in CPU_SECONDS[name]]
+        minutes = [(CPU_START_SECONDS + CPU_EPOCHS * (t - CPU_START_SECONDS)) / 60 for t in CPU_SECONDS[name]]
         rows += [Row(f"cpu-{name}-baseline", script, f"{recipe} {baseline}".strip(), baseline_reads, source="CPU tier",
-                     note=f"about {minutes[1]:.0f} min per seed (measured on a shared machine); the method's own switches off"),
+                     note=f"about {minutes[1]:.0f} min per seed (measured, shared machine); the method switched off"),
                  Row(f"cpu-{name}", script, f"{recipe} {method}".strip(), reads, baseline=f"cpu-{name}-baseline",
-                     source="CPU tier", note=f"about {minutes[0]:.0f} min per seed (measured on a shared machine)")]
+                     source="CPU tier", note=f"about {minutes[0]:.0f} min per seed (measured, shared machine)")]
     return rows
 
 
@@ -497,10 +505,9 @@ def select(patterns):
 def check_data(rows, data):
     needing = sorted({row.id for row in rows if "{data}" in row.args})
     if needing and (not data or not Path(data).is_file()):
-        fail(f"{'rows ' + ', '.join(needing) + ' need' if len(needing) > 1 else 'row ' + needing[0] + ' needs'} --data PATH: "
-             "a .npz of 32x32 RGB images "
-             "(x_train, y_train, x_test, y_test), sized for 100 classes, 10,000 training and 2,000 test images"
-             + (f"; {data} does not exist" if data else ""))
+        rows = f"rows {', '.join(needing)} need" if len(needing) > 1 else f"row {needing[0]} needs"
+        fail(f"{rows} --data PATH: a .npz of 32x32 RGB images (x_train, y_train, x_test, y_test), sized for 100 "
+             "classes, 10,000 training and 2,000 test images" + (f"; {data} does not exist" if data else ""))
 
 
 def run_folder(out_dir, row, seed):
@@ -618,8 +625,10 @@ def list_command(args):
     for row in rows:
         paper = fmt(row.paper, row.std)
         also = ", ".join(f"{reads.rsplit('.', 1)[1]} {value}" for reads, value in row.also)
-        tail = "  ".join(filter(None, [row.baseline and f"vs {row.baseline}", row.source, row.note, also and f"(also {also})"]))
-        print(f"{row.id:<{width}}  {Path(row.script).stem:<7} {row.epochs or '-':>6}  {paper:<14} {row.seeds or ('?' if row.paper is not None else '-'):>5}  "
+        tail = "  ".join(filter(None, [row.baseline and f"vs {row.baseline}", row.source, row.note,
+                                       also and f"(also {also})"]))
+        seeds = row.seeds or ("?" if row.paper is not None else "-")
+        print(f"{row.id:<{width}}  {Path(row.script).stem:<7} {row.epochs or '-':>6}  {paper:<14} {seeds:>5}  "
               f"{row.reads:<16} {tail}")
         if args.commands:
             print(f"    python {row.script} {row.args}")
@@ -633,7 +642,7 @@ def start(job, args, env):
         for stale in ("metrics.jsonl", "checkpoint.pt.tmp", "summary.json.tmp"):
             (folder / stale).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    argv = command(row, seed, folder, args.out_dir, args.data, python=sys.executable, launcher=args.launcher, extra=args.extra)
+    argv = command(row, seed, folder, args.out_dir, args.data, sys.executable, args.launcher, args.extra)
     print(f"# {row.id} seed {seed}: {shlex.join(argv)}", file=sys.stderr, flush=True)
     return subprocess.Popen(argv, env=env)
 
@@ -645,14 +654,14 @@ def run_command(args):
     print(f"# {len(jobs)} runs: {len(jobs) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
     if args.dry_run:
         for folder, row, seed, _ in todo:
-            print(shlex.join(command(row, seed, folder, args.out_dir, args.data, launcher=args.launcher, extra=args.extra)))
+            print(shlex.join(command(row, seed, folder, args.out_dir, args.data, "python", args.launcher, args.extra)))
         return
     env = dict(os.environ)
     if args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     running, failed, pending = {}, [], list(todo)
 
-    def stop(signum, frame):  # Ctrl-C, or a cluster's time limit (SIGTERM): stop the runs, each keeps its last checkpoint
+    def stop(signum, frame):  # Ctrl-C or a cluster's time limit (SIGTERM): stop the runs; each keeps its checkpoint
         for process in running.values():
             process.terminate()
         for process in running.values():
@@ -716,9 +725,9 @@ def status(line):
 
 def with_also(rows):
     """Each row, then one row per other number its paper prints for the same run (no baseline)."""
-    return [variant for row in rows for variant in [row, *(replace(row, id=f"{row.id}[{reads}]", reads=reads, paper=value,
-                                                                        std=None, baseline=None, also=())
-                                                           for reads, value in row.also)]]
+    return [variant for row in rows for variant in [row, *(
+        replace(row, id=f"{row.id}[{reads}]", reads=reads, paper=value, std=None, baseline=None, also=())
+        for reads, value in row.also)]]
 
 
 def report_command(args):
@@ -729,7 +738,8 @@ def report_command(args):
         writer.writeheader()
         writer.writerows(table)
         return
-    print("| row | reads | paper | ours: mean ± std (n seeds) | baseline: paper / ours | gain: paper / ours | paper within ours ± 2 std |")
+    print("| row | reads | paper | ours: mean ± std (n seeds) | baseline: paper / ours | gain: paper / ours "
+          "| paper within ours ± 2 std |")
     print("|---|---|---|---|---|---|---|")
     for line in table:
         paper = fmt(line["paper"], line["paper_std"])
@@ -753,15 +763,18 @@ def parse_args(argv=None):
     listing = commands.add_parser("list", help="the rows, their paper values and epochs")
     listing.add_argument("patterns", nargs="*", help="row ids or shell-style patterns ('tna-t1-*'); default all")
     listing.add_argument("--commands", action="store_true", help="print each row's command too")
-    runner = commands.add_parser("run", help="train every (row, seed) not yet finished; arguments after -- go to every command")
+    runner = commands.add_parser("run", help="train every (row, seed) not yet finished; after --: arguments for all")
     runner.add_argument("ids", nargs="+", help="row ids or shell-style patterns; their baselines run too")
-    runner.add_argument("--dry-run", action="store_true", help="print the commands, one per line, instead of running them")
-    runner.add_argument("--launcher", default=None, help='run each script with this instead of python, e.g. "torchrun --nproc_per_node=8"')
-    runner.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets OMP_NUM_THREADS = cores / jobs unless set)")
+    runner.add_argument("--dry-run", action="store_true", help="print the commands, one per line, instead of running")
+    runner.add_argument("--launcher", default=None,
+                        help='run each script with this instead of python, e.g. "torchrun --nproc_per_node=8"')
+    runner.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (each gets OMP_NUM_THREADS = cores / jobs unless set)")
     reporter = commands.add_parser("report", help="ours beside the paper, one line per row")
     reporter.add_argument("patterns", nargs="*", help="row ids or shell-style patterns; default all")
     reporter.add_argument("--format", default="markdown", choices=["markdown", "csv"])
-    reporter.add_argument("--all", action="store_true", help="also every other number the paper prints for a row's run (top-5, best, NLL)")
+    reporter.add_argument("--all", action="store_true",
+                          help="also every other number the paper prints for a row's run (top-5, best, NLL)")
     runner.add_argument("--data", default=None, help="the .npz the CPU-tier rows train on ({data} in their arguments)")
     for sub in (runner, reporter):
         sub.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds of every row")
