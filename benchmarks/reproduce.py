@@ -131,18 +131,21 @@ def tna_rows():
         recipe = (TNA_TINY if dataset == "tinyimagenet" else TNA).format(lr=lr)
         # Table 7: MobileNetV2 / CIFAR-100 reaches Table 1's 79.50 at alpha 5e-2 (77.86 at 5e-3)
         alpha = "5e-2" if (model, dataset) == ("mobilenetv2", "cifar100") else "5e-3"
+        note = {"5e-2": "alpha 5e-2: Table 7 prints this value for it",
+                "5e-3": "choice: alpha 5e-3 (the paper's default)" if model == "mobilenetv2" else ""}[alpha]
         row_id = f"tna-t1-{model}-{dataset}"
         add(f"{row_id}-single", "tna.py", f"--model {model} --dataset {dataset} --alpha 0 {recipe}", "base.top1",
             single, single_std, source="TNA Table 1", note="two independent networks; the first is read")
         add(row_id, "tna.py", f"--model {model} --dataset {dataset} --alpha {alpha} {recipe}", "base.top1",
-            tna, tna_std, f"{row_id}-single", source="TNA Table 1")
+            tna, tna_std, f"{row_id}-single", source="TNA Table 1", note=note)
     for model, alpha, recipe, single, tna in [("resnet50", "5e-4", TNA_R50, (76.61, .07), (77.65, .01)),
                                               ("vit_s16", "5e-3", TNA_VIT, (69.83, .12), (71.68, .00))]:
-        row_id = f"tna-t1-{model}-imagenet"
+        row_id, note = f"tna-t1-{model}-imagenet", "possibly preliminary (< 3 seeds; the paper's red marking is lost)"
         add(f"{row_id}-single", "tna.py", f"--model {model} --dataset imagenet --alpha 0 {recipe}", "base.top1",
-            *single, source="TNA Table 1", note="preliminary in the paper (fewer than 3 seeds)")
+            *single, source="TNA Table 1", note=note, seeds=None)
         add(row_id, "tna.py", f"--model {model} --dataset imagenet --alpha {alpha} {recipe}", "base.top1",
-            *tna, f"{row_id}-single", source="TNA Table 1", note="preliminary in the paper (fewer than 3 seeds)")
+            *tna, f"{row_id}-single", source="TNA Table 1", seeds=None,
+            note=note + ("" if model == "resnet50" else "; choice: alpha 5e-3 (unstated for the ViT)"))
     # Table 2: TNA against DML at two learning rates (the authors' DML does not detach the peers)
     table2 = [("mobilenetv2", "cifar100", 0.1, (74.74, .16), (77.78, .15), (1.66, 1.15)),
               ("mobilenetv2", "cifar100", 0.05, None, None, (78.08, .34)),
@@ -157,7 +160,7 @@ def tna_rows():
             add(f"{row_id}-single", "tna.py", f"--model {model} --dataset {dataset} --alpha 0 {recipe}", "base.top1",
                 *single, source="TNA Table 2")
             add(row_id, "tna.py", f"--model {model} --dataset {dataset} --alpha {alpha} {recipe}", "base.top1",
-                *tna, baseline, source="TNA Table 2")
+                *tna, baseline, source="TNA Table 2", note=f"choice: alpha {alpha}, as in the Table 1 row")
         add(f"{row_id}-dml", "dml.py", f"--model {model} --dataset {dataset} --no-detach {recipe}", "student1.top1",
             *dml, baseline, source="TNA Table 2", note="below 2% in the paper: DML diverged" if dml[0] < 2 else "")
     # Table 3: logit-averaging ensembles of the Tiny ImageNet ResNet-18 runs above (no ensemble run of its own)
@@ -166,7 +169,7 @@ def tna_rows():
                                         ("dml", "tna-t2-resnet18-tinyimagenet-lr0.05-dml", (65.04, .03))]:
         source = next(r for r in rows if r.id == runs_of)
         add(f"tna-t3-{name}-ensemble", source.script, source.args, "ensemble.top1", value, std, source.id,
-            source="TNA Table 3", note="the ensemble of the two networks of the run of the baseline row")
+            source="TNA Table 3", note="logit average of the two networks of the baseline row's runs")
     # Table 4: wider single ResNet-18s against TNA (no std printed)
     for dataset, values in [("cifar100", (77.56, 79.12, 79.22, 79.00)), ("tinyimagenet", (59.08, 60.51, 60.90, 64.65))]:
         recipe = (TNA_TINY if dataset == "tinyimagenet" else TNA).format(lr=0.1)
@@ -205,7 +208,7 @@ def tna_rows():
     # Section 4.4, Fig. 4: a frozen, fully trained twin (the paper: above TNA early, below it at the end)
     add("tna-f4-frozen-twin", "tna.py", f"--model resnet18 --dataset tinyimagenet --alpha 5e-3 {recipe} "
         "--twin-checkpoint {run:tna-t1-resnet18-tinyimagenet-single} --freeze-twin", "base.top1",
-        baseline=tiny, source="TNA Fig. 4", note="figure only; the twin is the first network of the baseline run")
+        baseline=tiny, source="TNA Fig. 4", note="figure only; the twin: the trained base of the single run, same seed")
     # Section 4.4, Fig. 5: late matching on ResNet-18 / CIFAR-100 (the paper: matching from epoch 0 is best)
     recipe = TNA.format(lr=0.1)
     for epoch in (50, 100, 150):
