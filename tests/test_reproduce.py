@@ -197,6 +197,10 @@ def test_report_on_fake_runs(tmp_path):
     resnet56 = lines["css-t1-resnet56"]
     assert resnet56["n"] == "0" and resnet56["ours"] == "" and "seed 0 at epoch 4/300" in resnet56["unfinished"]
     assert "2 not started" in resnet56["unfinished"]
+    # a summary without the number the row reads (an older format) is named, not averaged
+    fake_run(reproduce.run_folder(tmp_path, reproduce.ROWS["css-t1-resnet56-dml"], 0), {"networks": {}})
+    assert "seed 0 unreadable (mean.top1" in report_csv("css-t1-resnet56-dml", "--out-dir", tmp_path)[
+        "css-t1-resnet56-dml"]["unfinished"]
     markdown = reproduce_cli("report", "css-t1-*", "--out-dir", tmp_path).stdout
     assert "| css-t1-se_resnet110 | net1+net2.top1 | 80.42 ± 0.13 | not yet run |" in markdown
     assert f"{mean:.2f} ± {std:.2f} (n=3)" in markdown
@@ -262,7 +266,8 @@ def test_run_killed_and_restarted_completes_without_redoing(tmp_path):
     before, interrupted = summary_stamps(out_dir), unfinished(out_dir)
     assert before and interrupted
 
-    second = reproduce_cli(*argv, env=env, timeout=600)
+    separator = argv.index("--")
+    second = reproduce_cli(*argv[:separator], "--jobs", "2", *argv[separator:], env=env, timeout=600)  # 2 at a time
     assert second.returncode == 0, second.stderr
     rows = [reproduce.ROWS["cpu-tna"], reproduce.ROWS["cpu-tna-baseline"]]
     assert all((reproduce.run_folder(out_dir, row, seed) / "summary.json").is_file() for row in rows for seed in (0, 1))
