@@ -763,17 +763,18 @@ def parse_args(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="the rows, their paper values and epochs")
+    add = lambda name, **kw: commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+    listing = add("list", help="the rows, their paper values and epochs")
     listing.add_argument("patterns", nargs="*", help="row ids or shell-style patterns ('tna-t1-*'); default all")
     listing.add_argument("--commands", action="store_true", help="print each row's command too")
-    runner = commands.add_parser("run", help="train every (row, seed) not yet finished; after --: arguments for all")
+    runner = add("run", help="train every (row, seed) not yet finished; after --: arguments for all")
     runner.add_argument("ids", nargs="+", help="row ids or shell-style patterns; their baselines run too")
     runner.add_argument("--dry-run", action="store_true", help="print the commands, one per line, instead of running")
     runner.add_argument("--launcher", default=None,
                         help='run each script with this instead of python, e.g. "torchrun --nproc_per_node=8"')
     runner.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (each gets OMP_NUM_THREADS = cores / jobs unless set)")
-    reporter = commands.add_parser("report", help="ours beside the paper, one line per row")
+    reporter = add("report", help="ours beside the paper, one line per row")
     reporter.add_argument("patterns", nargs="*", help="row ids or shell-style patterns; default all")
     reporter.add_argument("--format", default="markdown", choices=["markdown", "csv"])
     reporter.add_argument("--all", action="store_true",
