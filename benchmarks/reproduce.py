@@ -26,7 +26,7 @@ and missing seeds are listed as such, never averaged in.
 
 The CPU tier (`cpu-*` rows) is every method and its baseline at a scale that runs on a laptop: TNA's
 ConvNet, 4 epochs of a 32x32 image set given with `--data PATH.npz` (sized on a 100-class, 10,000-image
-Tiny ImageNet subset), under an hour for 3 seeds on 2 cores:
+Tiny ImageNet subset), estimated under an hour for 3 seeds on 2 cores:
 
     python benchmarks/reproduce.py run 'cpu-*' --data tinyimagenet100_small.npz --jobs 2
     python benchmarks/reproduce.py report 'cpu-*'
@@ -92,7 +92,7 @@ class Row:
 
 # ==== recipes: each paper's stated setting (explicit, so a change of a script's defaults cannot change a row) ====
 TNA = "--epochs 200 --batch-size 256 --lr {lr} --schedule cosine --weight-decay 5e-4"  # TNA Table 9, section 3.3
-# choice: weight decay 1e-4 and RandomResizedCrop on Tiny ImageNet, as in the TNA first author's code
+# Tiny ImageNet: weight decay 1e-4 and RandomResizedCrop, as in the TNA authors' code (the paper is silent)
 TNA_TINY = "--epochs 200 --batch-size 256 --lr {lr} --schedule cosine --weight-decay 1e-4 --augment rrc"
 TNA_R50 = "--epochs 90 --batch-size 256 --lr 0.2 --schedule cosine --weight-decay 1e-4"  # Table 9
 # Table 9: Adam, batch 1024, lr 1e-3, 90 epochs; choice: weight decay 1e-4 (unstated; Beyer et al. 2022's value)
@@ -100,7 +100,8 @@ TNA_VIT = "--epochs 90 --batch-size 1024 --lr 1e-3 --optimizer adam --schedule c
 # SiLa section 4.1; the factor and the weight decay are unstated: choice: 0.1, and 5e-4 (1e-4 on ImageNet-100)
 SILA = ("--epochs 260 --batch-size 128 --lr 0.1 --schedule multistep "
         "--milestones 30 55 80 105 135 160 180 200 220 240 --gamma 0.1 --weight-decay {wd}")
-SILA_MSD = "--epochs 300 --batch-size 64 --lr 0.1 --schedule multistep --milestones 150 225 --weight-decay 1e-4"  # 4.2
+SILA_MSD = "--epochs 300 --batch-size 64 --lr 0.1 --schedule multistep --milestones 150 225 --weight-decay 1e-4"  # 4.2 *
+# * SiLa section 4.2 ("255" read as MSDNet's 225); weight decay unstated: MSDNet's code, 1e-4
 SILA_MSD_IN = "--epochs 90 --batch-size 256 --lr 0.1 --schedule multistep --milestones 30 60 --weight-decay 1e-4"
 FDL = "--epochs 250 --batch-size 128 --lr 0.1 --nesterov --schedule cosine --weight-decay 5e-4"  # authors' code
 FDL_IN = "--epochs 90 --batch-size 256 --lr 0.1 --schedule cosine --weight-decay 1e-4"  # choice: unstated
@@ -108,7 +109,7 @@ AMLN = ("--epochs 600 --batch-size 128 --lr 0.1 --schedule multistep --milestone
         "--nesterov --weight-decay 1e-4")
 AMLN_IN = "--epochs 90 --batch-size 128 --lr 0.1 --schedule multistep --milestones 30 60 --weight-decay 1e-4"
 CSS = ("--epochs 300 --warmup-epochs 5 --batch-size 128 --lr 0.1 --schedule multistep --milestones 150 225 "
-       "--weight-decay 5e-4")  # CSS supplementary material, as in the authors' code
+       "--weight-decay 5e-4")  # CSS's protocol (section 4 and its supplementary material), as css.py states it
 
 
 def pairs(*printed):
