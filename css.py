@@ -66,7 +66,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import DATASETS, build_data
+from data import AUGMENTATIONS, DATASETS, build_data
 from models import MODEL_NAMES, build_model
 
 METHOD = "css"
@@ -129,7 +129,8 @@ def parse_args(argv=None):
     common.add_argument("--dataset", default="cifar100", help=", ".join(DATASETS))
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
     common.add_argument("--subset", type=positive_int, help="use only the first N training and N test images")
-    common.add_argument("--augment", default="standard", help="standard (crop + flip), autoaugment or none")
+    common.add_argument("--augment", default="standard", choices=AUGMENTATIONS,
+                        help="standard: crop + flip; rrc: RandomResizedCrop + flip (TNA's Tiny ImageNet)")
     common.add_argument("--holdout", type=nonnegative_int, default=0,
                         help="keep N training images out of training (seeded, class-stratified; run/holdout.json)")
     common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (+ rank under torchrun)")

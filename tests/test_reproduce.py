@@ -14,30 +14,16 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_DATA, parse_error, require_cifar10_small, run_script
+
+from conftest import CIFAR10_SAMPLE, REPO, parse_error, require_cifar10_sample, run_script
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import reproduce
 
-TINY_IMAGENET = SHARED_DATA / "tinyimagenet100_small.npz"
-
-# Flags and backbones announced by other helpers and not yet on this branch: the rows that need them are
-# expected to fail until those branches are merged (strict: an unexpected pass asks for the marker's removal).
-PENDING = [
-    (lambda row: row.script == "dml.py" and "--no-detach" in row.argv, "dml.py --no-detach (TNA/DML helper)"),
-    (lambda row: "rrc" in row.argv, "--augment rrc (RandomResizedCrop for Tiny ImageNet)"),
-    (lambda row: "adam" in row.argv, "--optimizer adam (TNA's ViT-S/16)"),
-    (lambda row: "wrn20_8" in row.argv, "models.py wrn20_8 (CSS Table 1)"),
-    (lambda row: "--holdout" in row.argv, "--holdout N (common block)"),
-]
 # The script's outputs in summary.json (see each script's predict)
 OUTPUTS = {"tna.py": {"base", "twin"}, "dml.py": {"student1", "student2"}, "sila.py": {"net1", "net2"},
            "fdl.py": {"head", "base1", "base2"}, "amln.py": {"peer1", "peer2"}, "css.py": {"net1", "net2"}}
 
-
-def pending(row):
-    reasons = [reason for applies, reason in PENDING if applies(row)]
-    return pytest.mark.xfail(reason="needs " + " and ".join(reasons), strict=True) if reasons else ()
 
 
 def distinct_commands():
@@ -49,7 +35,7 @@ def distinct_commands():
 
 
 def filled_argv(row, run_folder="/tmp/run"):
-    fill = {"{data}": str(TINY_IMAGENET)}
+    fill = {"{data}": str(CIFAR10_SAMPLE)}  # the CPU tier's dataset argument: any .npz
     return [fill.get(token, run_folder if token.startswith("{run:") else token) for token in row.argv]
 
 
@@ -78,7 +64,7 @@ def test_registry_rows_are_complete():
             assert metric in ("top1", "top2", "top5", "nll", "best"), row.id
             assert set(output.split("+")) <= OUTPUTS[row.script] | {"deployed", "ensemble", "mean"}, row.id
     named = ["tna-t1-resnet18-cifar100", "tna-t2-mobilenetv2-cifar100-lr0.05-dml", "tna-t4-resnet18_w4-cifar100",
-             "tna-t7-resnet18-cifar10-alpha1e-3", "tna-f4-frozen-twin", "tna-s42-reinit-stage0",
+             "tna-t7-resnet18-cifar10-alpha1e-3", "tna-f4-frozen-twin", "tna-s42-reinit-layer0",
              "tna-f5-late-matching-50", "sila-t1-resnet18-sila-dml-net2", "sila-t2-resnet34-ind",
              "sila-t3-wrn_16_10-cifar100-sila-net1", "sila-msdnet-budgeted-cifar100", "sila-msdnet-anytime-cifar100",
              "fdl-vgg16-cifar100-x2", "fdl-vgg16-cifar10-x2", "fdl-vgg16-cifar100-x3", "fdl-vgg16-cifar100-x4",
@@ -100,17 +86,17 @@ def test_rows_with_equal_commands_share_runs_and_others_do_not(tmp_path):
 
 def check_names(args):
     """What argparse cannot check: the backbones, the augmentation and the dataset exist."""
-    from data import AUGMENTS, DATASETS
+    from data import AUGMENTATIONS, DATASETS
     from models import MODEL_NAMES
 
     names = [args.model, *(getattr(args, name, None) for name in ("twin_model", "net2_model")),
              *(getattr(args, "models", None) or [])]
     assert [name for name in names if name and name not in MODEL_NAMES] == []
-    assert args.augment in AUGMENTS
+    assert args.augment in AUGMENTATIONS
     assert args.dataset in DATASETS or args.dataset.endswith(".npz")
 
 
-@pytest.mark.parametrize("row", [pytest.param(row, id=row.id, marks=pending(row)) for row in distinct_commands()])
+@pytest.mark.parametrize("row", [pytest.param(row, id=row.id) for row in distinct_commands()])
 def test_every_command_parses(row, capsys):
     module = importlib.import_module(row.script[:-3])
     try:
@@ -130,29 +116,27 @@ SAMPLE = ["tna-t1-convnet-cifar100", "sila-t1-mobilenet-resnet18-sila-dml-net1",
 @pytest.mark.parametrize("row_id", SAMPLE)
 def test_sample_rows_train_one_step(row_id, tmp_path):
     row = reproduce.ROWS[row_id]
-    if row_id.startswith("cpu-") and not TINY_IMAGENET.exists():
-        pytest.skip(f"{TINY_IMAGENET} not found")
     tiny = ["--subset", "32", "--batch-size", "32", "--epochs", "1", "--amp", "off", "--out-dir", tmp_path / "run"]
     tiny += ["--pretrain-epochs", "0"] if row.script == "fdl.py" else []
-    tiny += [] if row_id.startswith("cpu-") else ["--dataset", require_cifar10_small()]
+    tiny += [] if row_id.startswith("cpu-") else ["--dataset", require_cifar10_sample()]
     result = run_script(row.script, *filled_argv(row), *tiny)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = summary_of(tmp_path / "run")
     for reads in [row.reads, *(reads for reads, _ in row.also)]:  # the row reads outputs the script writes
         assert set(reads.rsplit(".", 1)[0].split("+")) <= {*summary["networks"], "deployed", "ensemble", "mean"}
-        if "format_version" in summary:  # the summary format with networks_mean, best and top-2
-            assert reproduce.read_value(summary, reads) >= 0
+        assert reproduce.read_value(summary, reads) >= 0
 
 
 # ---- reading summaries ----
-SUMMARY = {"format_version": 1, "deployed_network": "head", "deployed": {"top1": 0.5, "top5": 0.9, "nll": 2.0},
+SUMMARY = {"format_version": 2, "deployed_network": "head", "deployed": {"top1": 0.5, "top5": 0.9, "nll": 2.0},
            "networks": {"head": {"top1": 0.5, "top2": 0.6, "top5": 0.9, "nll": 2.0},
                         "net1": {"top1": 0.25, "top2": 0.3, "top5": 0.5, "nll": 3.0},
                         "net2": {"top1": 0.35, "top2": 0.4, "top5": 0.6, "nll": 2.5}},
            "ensemble": {"top1": 0.45, "top2": 0.5, "top5": 0.8, "nll": 2.2},
            "networks_mean": {"top1": 0.3, "top2": 0.35, "top5": 0.55, "nll": 2.75},
-           "best": {"head": {"top1": 0.55, "epoch": 7}, "net1": {"top1": 0.3, "epoch": 3},
-                    "net2": {"top1": 0.4, "epoch": 9}}}
+           "best": {"selected_on": "test", "outputs": {"head": {"top1": 0.55, "epoch": 7},
+                                                       "net1": {"top1": 0.3, "epoch": 3},
+                                                       "net2": {"top1": 0.4, "epoch": 9}}}}
 
 
 @pytest.mark.parametrize("reads,expected", [("net1.top1", 25.0), ("net2.top2", 40.0), ("deployed.top5", 90.0),
@@ -179,12 +163,12 @@ def test_report_on_fake_runs(tmp_path):
     ours, theirs = [[0.80, 0.70], [0.81, 0.72], [0.79, 0.69]], [0.76, 0.75, 0.77]
     for seed, ((net1, net2), single) in enumerate(zip(ours, theirs)):
         summary = json.loads(json.dumps(SUMMARY))
-        summary["networks"]["net1"]["top1"], summary["networks"]["net2"]["top1"] = net1, net2
+        summary["best"]["outputs"]["net1"]["top1"], summary["best"]["outputs"]["net2"]["top1"] = net1, net2  # CSS: best
         fake_run(reproduce.run_folder(tmp_path, row, seed), summary)
-        fake_run(reproduce.run_folder(tmp_path, base, seed), {**SUMMARY, "networks": {"net1": {"top1": single}}})
+        fake_run(reproduce.run_folder(tmp_path, base, seed), {**SUMMARY, "best": {"outputs": {"net1": {"top1": single}}}})
     fake_run(reproduce.run_folder(tmp_path, reproduce.ROWS["css-t1-resnet56"], 0), epochs_done=4, epochs=300)
     lines = report_csv("css-t1-resnet110", "css-t1-resnet56", "--out-dir", tmp_path)
-    values = 100 * np.array(ours).mean(1)  # the row reads the mean of the two networks
+    values = 100 * np.array(ours).mean(1)  # the row reads the mean of the two networks' best epochs
     mean, std = values.mean(), values.std(ddof=1)
     line = lines["css-t1-resnet110"]
     assert float(line["ours"]) == pytest.approx(mean) and float(line["ours_std"]) == pytest.approx(std)
@@ -247,7 +231,7 @@ def unfinished(out_dir):
 
 
 def test_run_killed_and_restarted_completes_without_redoing(tmp_path):
-    data = TINY_IMAGENET if TINY_IMAGENET.exists() else require_cifar10_small()
+    data = require_cifar10_sample()
     out_dir = tmp_path / "runs"
     argv = ["run", "cpu-tna", "--seeds", "0", "1", "--out-dir", out_dir, "--data", data, "--",
             "--subset", "256", "--batch-size", "64", "--epochs", "4", "--lr", "0.05"]
@@ -299,7 +283,7 @@ def headline(script):
     return shlex.split(line.split("#")[0])[2:]
 
 
-NOT_THE_EXPERIMENT = {"seed", "out_dir", "data_dir", "device", "resume", "stop_after", "compile", "amp",
+NOT_THE_EXPERIMENT = {"given", "overwrite", "seed", "out_dir", "data_dir", "device", "resume", "stop_after", "compile", "amp",
                       "channels_last", "eval_every"}
 
 
@@ -312,12 +296,7 @@ def namespace(module, argv):
         return None
 
 
-# dml.py's headline relies on defaults that its helper is changing to AMLN Table 2(b)'s recipe
-HEADLINE_PENDING = {"dml.py": "dml.py's defaults are not yet AMLN Table 2(b)'s recipe (600 epochs, x0.1 at 200, 400)"}
-
-
-@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.xfail(reason=HEADLINE_PENDING[s], strict=True))
-                                    if s in HEADLINE_PENDING else s for s in reproduce.SCRIPTS])
+@pytest.mark.parametrize("script", reproduce.SCRIPTS)
 def test_docstring_headline_is_in_the_registry(script):
     module = importlib.import_module(script[:-3])
     wanted = namespace(module, headline(script))
