@@ -183,7 +183,7 @@ def test_report_on_fake_runs(tmp_path):
     assert "2 not started" in resnet56["unfinished"]
     # a summary without the number the row reads (an older format) is named, not averaged
     fake_run(reproduce.run_folder(tmp_path, reproduce.ROWS["css-t1-resnet56-dml"], 0), {"networks": {}})
-    assert "seed 0 unreadable (mean.top1" in report_csv("css-t1-resnet56-dml", "--out-dir", tmp_path)[
+    assert "seed 0 unreadable (student1+student2.best" in report_csv("css-t1-resnet56-dml", "--out-dir", tmp_path)[
         "css-t1-resnet56-dml"]["unfinished"]
     markdown = reproduce_cli("report", "css-t1-*", "--out-dir", tmp_path).stdout
     assert "| css-t1-se_resnet110 | net1+net2.top1 | 80.42 ± 0.13 | not yet run |" in markdown
