@@ -1,43 +1,48 @@
 """CUDA check: one prepared command that runs every script on a GPU and says, check by check, what works there.
 
-    python benchmarks/cuda_check.py --out OUT                        # a GPU: the full sequence, about 7 minutes
+    python benchmarks/cuda_check.py --out OUT                        # a GPU: the full sequence, under 8 minutes
     python benchmarks/cuda_check.py --device cpu --quick --out OUT   # the same sequence, tiny, on a CPU (the test)
 
 It prints the machine (GPU name and memory, driver, torch, CUDA, cuDNN), then one line per check, `PASS name: detail`,
 `FAIL name: reason` or `SKIP name: why`, and a closing `N passed, M failed` (`, K skipped`); the whole output, each
 run's own output included, is kept in OUT/cuda_check.log, the runs in OUT/runs/. Exit status 0 when nothing failed.
+Every run uses the script's own defaults except: 2 epochs, batch 128 (--quick: 32, on the first 512 training and 512
+test images), no lr warm-up (CSS's 5 warm-up epochs would leave 2 epochs at a fraction of the lr), one evaluation at
+the end, `--model` (default resnet20; --quick: convnet, and wrn_16_1 for CSS, see QUICK_MODELS).
 
-The checks, in order of importance (what does not fit `--budget-s` is skipped, from the end):
+The checks, in order of importance (what does not fit `--budget-s` is skipped):
 - env: the device and the versions; CUDA must be available when --device asks for it.
-- tna, dml, sila, fdl, amln, css: each script 2 short epochs in bf16 (`--model`, default resnet20; fdl with 1
-  pretraining epoch, so its four sub-steps run in epoch 2); sila-msdnet: sila.py once more on msdnet5 (Dynamic SiLa).
-  Each must exit 0, log finite losses every epoch and reach a deployed top-1 above THRESHOLD x chance (1.5 x chance,
-  0.15 on CIFAR-10, after 2 epochs; --quick: 1.2 x chance, on its tiny subset), stated in each line.
-- fp16: tna.py in --amp fp16 with the GradScaler, one step of which gets an infinite gradient on purpose (step 3): the
-  check asserts that the scaler skipped that step (the parameters are unchanged by it) and halved its scale, then the
-  run goes on as above. Until the scripts allow fp16 on a CPU (GradScaler("cpu")), `--device cpu` FAILs here with the
+- tna, dml, sila, fdl, amln, css: each script 2 short epochs in bf16 (fdl with --pretrain-epochs 0, so its four
+  sub-steps run from the first step); sila-msdnet: sila.py once more on msdnet5 (Dynamic SiLa over its 5 exits).
+  Each must exit 0, log finite losses every epoch and reach a deployed top-1 above 1.5 x chance (0.15 on CIFAR-10),
+  which the line states. On the 2-core CPU, full-size resnet20 runs of amln, css and fdl reached 0.26, 0.33 and
+  0.34; --quick's tiny runs reach 0.18 to 0.22.
+- fp16: tna.py in --amp fp16 with the GradScaler, whose third update gets an infinite gradient on purpose: the check
+  asserts that the scaler skipped that step (the parameters are unchanged by it) and halved its scale, then that the
+  run went on as above. Until the scripts allow fp16 on a CPU (GradScaler("cpu")), `--device cpu` FAILs here with the
   script's own reason.
-- channels-last: amln.py --channels-last (its discriminators read every stage); compile: tna.py --compile
-  (--quick compiles with the aot_eager backend: Dynamo and AOTAutograd trace the same graphs, but inductor's C++
-  code generation would take minutes on 2 CPU cores).
-- resume: dml.py for 3 epochs straight, and again SIGKILLed as soon as its first checkpoint is written, then
-  `--resume`d: the final metrics of the two are compared. On a CPU they must be equal. On CUDA they differ by the
+- channels-last: dml.py --channels-last; compile: tna.py --compile (--quick compiles with the aot_eager backend:
+  Dynamo and AOTAutograd trace the same graphs, but inductor's C++ code generation would take minutes on 2 cores).
+- resume: dml.py run again, SIGKILLed as soon as its first checkpoint is written, then `--resume`d; its final metrics
+  are compared with the dml check's uninterrupted run. On a CPU they must be equal. On CUDA they differ by the
   non-deterministic kernels (cuDNN's benchmark-chosen algorithms, atomics in some backward kernels): the difference is
-  reported and must stay within 0.05 top-1. resume-deterministic makes it exact: the same pair of runs with
-  torch.use_deterministic_algorithms(True) (warn_only: the ops without a deterministic kernel are named in the log),
-  CUBLAS_WORKSPACE_CONFIG=:4096:8 and cudnn.benchmark held off, which must give equal metrics; its cost is the speed
-  of that uninterrupted run against the default one, printed in its line.
+  reported and must stay within 0.05 top-1. resume-deterministic makes it exact: the same, straight and killed,
+  under torch.use_deterministic_algorithms(True) (warn_only: an op without a deterministic kernel is named in the
+  line), CUBLAS_WORKSPACE_CONFIG=:4096:8 and cudnn.benchmark held off; its metrics must be equal, and its line
+  gives the cost: the speed of the deterministic uninterrupted run against the default one.
 - torchrun: `python -m torch.distributed.run --standalone --nproc_per_node=N tna.py ...` with N = the number of GPUs
   (2 processes on gloo with --device cpu). The scripts run undistributed when WORLD_SIZE is 1, so with one GPU this
   checks the launcher only (its line says so); NCCL needs N >= 2.
-- throughput: benchmarks/throughput.py on the device with as many models (convnet, resnet20, resnet18) as fit the
-  time left; its table is printed exactly as the benchmark prints it.
+- throughput: benchmarks/throughput.py on the device with as many of convnet, resnet20 and resnet18 as fit the time
+  left, its table printed as the benchmark prints it; --quick: one of its measurements (tests/test_benchmark.py runs
+  the whole benchmark; here its floors and variants would add four processes).
 
 How long it takes, and `--budget-s` (default 450 s: under 8 minutes with the margin of one check). Every check has an
 estimate, printed in its line beside the measured time, and a check is skipped when the time used plus its estimate
 would pass the budget. An estimate is a fixed cost plus training steps times a step time:
-- fixed costs: a Python process with torch (3 s on CPU; 10 s on a GPU machine, CUDA context and cuDNN autotuning
-  included); --compile: 90 s on a GPU (inductor, two networks forward and backward), 15 s for aot_eager on a CPU.
+- fixed costs: a fresh Python process with torch (3 s on a CPU; 10 s on a GPU machine, CUDA context and cuDNN
+  autotuning included); --compile: 90 s on a GPU (inductor, two networks forward and backward), 15 s for aot_eager
+  on a CPU.
 - step time on a CPU: the batch over the images/s that benchmarks/throughput.py measured for that method and backbone
   on the 2-core development CPU in bf16 (README, "Speed"; other backbones use resnet20's figures).
 - step time on a GPU: these small networks leave a data-centre GPU waiting on the host, so a step costs its tensor
@@ -45,12 +50,14 @@ would pass the budget. An estimate is a fixed cost plus training steps times a s
   step, counted with the benchmark's OpCounter (convnet 107, resnet20 517, msdnet5 1911), times the method's
   networks and its ops ratio from the same benchmark (e.g. fdl 3.6). resnet20's device work, 16 GMAC per step of 128
   images forward and backward, takes about 2 ms at 10 TMAC/s, less than its 8 ms of launches.
-The estimates are then corrected by what the run measures: each one is scaled by the median ratio of measured to
+The estimates are then corrected by what the run measures: each is scaled by the median ratio of measured to
 estimated time of the checks done so far (kept within 0.5-4x), so a slower or faster machine skips the right checks.
+By these estimates the full sequence spends about 4 minutes before the throughput benchmark (compile's 90 s the
+largest), which then gets one model (about 150 s) or two.
 
 Script checks run one after another in a worker process (one torch import for all), which is replaced by a fresh one
-after a crash or a CUDA error, so one failure never spoils the next check; the resume, torchrun and throughput
-checks start their own processes, as a user would.
+after a crash or a CUDA error, so one failure does not spoil the next check; the killed run, torchrun and the
+throughput benchmark start their own processes, as a user would.
 """
 import argparse
 import contextlib
