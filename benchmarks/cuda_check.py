@@ -340,8 +340,14 @@ class Checker:
         """Run a job in the worker (started if needed); its result, or a failure saying why there is none."""
         if self.worker is None or self.worker.poll() is not None:
             self.start_worker()
-        self.worker.stdin.write(json.dumps(job) + "\n")
-        self.worker.stdin.flush()
+        try:
+            self.worker.stdin.write(json.dumps(job) + "\n")
+            self.worker.stdin.flush()
+        except OSError:  # it was on its way out: a fresh one takes the job
+            self.worker.wait()
+            self.start_worker()
+            self.worker.stdin.write(json.dumps(job) + "\n")
+            self.worker.stdin.flush()
         deadline, other = time.perf_counter() + timeout, []
         while True:
             try:
@@ -359,7 +365,11 @@ class Checker:
             if line.startswith(RESULT_MARK):
                 if other:
                     self.attach(f"{job['name']}: worker output", "".join(other))
-                return json.loads(line[len(RESULT_MARK):])
+                result = json.loads(line[len(RESULT_MARK):])
+                if result["code"] and CUDA_ERROR.search(Path(job["log"]).read_text()):
+                    self.worker.wait(timeout=120)  # it exits after a CUDA error; the next job gets a fresh one
+                    self.worker = None
+                return result
             other.append(line)
 
     # ---- runs ----
