@@ -467,8 +467,10 @@ class Checker:
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
                                   env={**os.environ, **(env or {})})
             code, output = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as expired:
-            code, output = None, f"{expired.stdout or ''}{expired.stderr or ''}\ntimed out after {timeout} s"
+        except subprocess.TimeoutExpired as expired:  # its output so far comes as bytes
+            partial = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                              for part in (expired.stdout or "", expired.stderr or ""))
+            code, output = None, f"{partial}\ntimed out after {timeout} s"
         self.attach(f"{name}: {' '.join(map(str, command))}", output)
         last = output.strip().splitlines()[-1] if output.strip() else None
         return code, last, time.perf_counter() - started, output
