@@ -756,7 +756,8 @@ def main(args):
         """One AMLN iteration (amln_step: eq. 1-9 in the order of Algorithm 1); returns the logged loss terms."""
         peers = [train_nets["peer1"], train_nets["peer2"]]
         peer_blocks = [train_extra["peer1_blocks"], train_extra["peer2_blocks"]]
-        return amln_step(peers, peer_blocks, train_extra.get("discriminators"), optimizers, images, labels, args, scaler,
+        discriminators = train_extra.get("discriminators")
+        return amln_step(peers, peer_blocks, discriminators, optimizers, images, labels, args, scaler,
                          autocast)
 
     def predict(images):

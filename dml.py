@@ -149,12 +149,14 @@ def parse_args(argv=None):
     parser.set_defaults(model="resnet32", batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
                         schedule="multistep", milestones=[200, 400], gamma=0.1, epochs=600, warmup_epochs=0)
     method = parser.add_argument_group("DML (Zhang et al., CVPR 2018)")
-    method.add_argument("--num-students", type=positive_int, default=2, help="cohort size K (ignored when --models is given)")
+    method.add_argument("--num-students", type=positive_int, default=2,
+                        help="cohort size K (ignored when --models is given)")
     method.add_argument("--models", default=None,
                         help="comma-separated architectures, one per student (a mixed cohort); overrides --model")
     method.add_argument("--temperature", type=positive_float, default=1.0,
                         help="softmax temperature of the KL term (its value is scaled by T^2); DML has none (1)")
-    method.add_argument("--kl-weight", type=nonnegative_float, default=1.0, help="weight of the mutual KL term; 0 = trained alone")
+    method.add_argument("--kl-weight", type=nonnegative_float, default=1.0,
+                        help="weight of the mutual KL term; 0 = trained alone")
     method.add_argument("--sequential", action="store_true",
                         help="Algorithm 1: the students step one after another, each on its peers' latest predictions")
     method.add_argument("--no-detach", action="store_true",

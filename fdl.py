@@ -171,7 +171,8 @@ def parse_args(argv=None):
     parser.set_defaults(model="vgg16", dataset="cifar100", epochs=250, batch_size=128, lr=0.1, momentum=0.9,
                         weight_decay=5e-4, nesterov=True)
     method = parser.add_argument_group("FDL (Das & Dutta Roy, BMVC 2022; authors' code bishshoy/FDL)")
-    method.add_argument("--num-nets", type=positive_int, default=2, help="number N of identical networks in the pool (2 to 4)")
+    method.add_argument("--num-nets", type=positive_int, default=2,
+                        help="number N of identical networks in the pool (2 to 4)")
     method.add_argument("--pretrain-epochs", type=nonnegative_int, default=None,
                         help="epochs of plain CE per network before the four sub-steps start (default: %(default)s = "
                              "the authors', 2 for VGG x4, else 1)")
@@ -646,7 +647,8 @@ def main(args):
         head_ce = not_run
         if joint:
             with autocast():
-                head_ce = F.cross_entropy(train_extra["head"](frozen_base_logits(list(networks.values()), images)), labels)
+                head_logits = train_extra["head"](frozen_base_logits(list(networks.values()), images))
+                head_ce = F.cross_entropy(head_logits, labels)
             backward_step(head_ce, scaler, optimizers["head"])
         return {**{f"ce_{name}": ce for name, ce in zip(names, ces)}, "similarity": similarity, "fdl": fdl,
                 "feature_diff": feature_diff, "head_ce": head_ce}

@@ -229,7 +229,7 @@ def mutual_kl(logits_list):
     log_probs = [F.log_softmax(logits.float(), dim=1) for logits in logits_list]
     kls = []
     for k, own in enumerate(log_probs):
-        peers = [peer.detach() for l, peer in enumerate(log_probs) if l != k]
+        peers = [peer.detach() for j, peer in enumerate(log_probs) if j != k]
         kls.append(sum(F.kl_div(own, peer, reduction="batchmean", log_target=True) for peer in peers) / len(peers))
     return kls
 

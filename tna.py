@@ -155,7 +155,8 @@ def parse_args(argv=None):
     method.add_argument("--alpha", type=nonnegative_float, default=5e-3,
                         help="weight of the logit-matching term (eq. 1); 5e-4 for ResNet-50 (section 4.4); "
                              "0 = trained alone")
-    method.add_argument("--twin-model", default=None, help="architecture of the twin (Table 8); None: the same as --model")
+    method.add_argument("--twin-model", default=None,
+                        help="architecture of the twin (Table 8); None: the same as --model")
     method.add_argument("--match-reduction", default="sum", choices=["sum", "mean"],
                         help="squared error summed over classes (eq. 1, the authors' code) or averaged (nn.MSELoss)")
     method.add_argument("--late-matching", type=nonnegative_int, default=0,

@@ -428,7 +428,8 @@ def css_rows():
         css_args = f"{args} --no-detach"  # the authors detach neither peer nor alphas
         rows += [Row(f"{row_id}-baseline", "css.py", f"{args} {CSS_BASELINE}", "net1.best", *baseline,
                      source="CSS Table 1"),
-                 Row(f"{row_id}-dml", "dml.py", args, "student1+student2.best", *dml, f"{row_id}-baseline", source="CSS Table 1"),
+                 Row(f"{row_id}-dml", "dml.py", args, "student1+student2.best", *dml, f"{row_id}-baseline",
+                     source="CSS Table 1"),
                  Row(row_id, "css.py", css_args, "net1+net2.best", *css, f"{row_id}-baseline", source="CSS Table 1"),
                  Row(f"{row_id}-ensemble", "css.py", css_args, "ensemble.best", *ensemble, f"{row_id}-baseline",
                      source="CSS Table 1")]

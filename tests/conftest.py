@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-CIFAR10_SAMPLE = REPO / "samples" / "cifar10_sample.npz"  # shipped: 1,000 / 200 real CIFAR-10 images (`--dataset sample`)
+CIFAR10_SAMPLE = REPO / "samples" / "cifar10_sample.npz"  # shipped: 1,000 / 200 CIFAR-10 images (`--dataset sample`)
 
 
 def require_cifar10_sample():

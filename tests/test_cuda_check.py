@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks.cuda_check import OverflowingScaler, deterministic, summarize_throughput
+
 from conftest import CIFAR10_SMALL, REPO
 
 CHECKS = ["env", "tna", "dml", "sila", "fdl", "amln", "css", "sila-msdnet", "fp16", "channels-last", "resume",
@@ -43,7 +44,8 @@ def test_quick_cpu_run_passes_every_check_with_one_line_each_and_keeps_the_log(t
     for name in ("tna", "sila-msdnet", "torchrun"):
         assert "x chance" in verdicts[name][1] and "losses finite over 2 epochs" in verdicts[name][1]
     assert "final metrics equal" in verdicts["resume"][1] and "SIGKILL in epoch 2" in verdicts["resume"][1]
-    assert "final metrics equal" in verdicts["resume-deterministic"][1] and "cost:" in verdicts["resume-deterministic"][1]
+    deterministic = verdicts["resume-deterministic"][1]
+    assert "final metrics equal" in deterministic and "cost:" in deterministic
     assert "2 ranks (gloo)" in verdicts["torchrun"][1]
     passed = sum(status == "PASS" for status, _ in verdicts.values())
     closing = result.stdout.strip().splitlines()[-1]

@@ -51,7 +51,8 @@ def test_recorder_collects_every_conv_output_but_the_shortcuts_before_its_batchn
     assert [f.shape[1] for f in features] == [16] * 7 + [32] * 6 + [64] * 6
     shortcut_outputs = []
     for stage in (1, 2):
-        network.stages[stage][0].downsample[0].register_forward_hook(lambda m, i, output: shortcut_outputs.append(output))
+        shortcut = network.stages[stage][0].downsample[0]
+        shortcut.register_forward_hook(lambda m, i, output: shortcut_outputs.append(output))
     _, features = recorder.record(network, images)
     assert len(shortcut_outputs) == 2 and not any(f is output for f in features for output in shortcut_outputs)
     assert torch.equal(features[0], network.stem[0](images))  # the stem conv, before its BN
@@ -80,7 +81,8 @@ def test_head_step_changes_no_base_parameter():
 
 def mean_squared_feature_difference(networks, recorders, images):
     with torch.no_grad():
-        return -all_pairs_feature_difference_loss([recorders[k].record(net, images)[1] for k, net in enumerate(networks)]).item()
+        features = [recorders[k].record(net, images)[1] for k, net in enumerate(networks)]
+        return -all_pairs_feature_difference_loss(features).item()
 
 
 def test_feature_difference_steps_move_the_features_apart():
@@ -88,12 +90,14 @@ def test_feature_difference_steps_move_the_features_apart():
     networks = [build_model("resnet20", 10) for _ in range(2)]
     recorders = [ConvOutputRecorder(net) for net in networks]
     images = torch.randn(8, 3, 16, 16)  # small, for speed: the CIFAR ResNets end in global pooling
-    # the script's FDL optimizer (momentum 0.85, Nesterov) with a large lr, so that 3 steps show (1e-5 moves them 1e-5 as far)
+    # the script's FDL optimizer (momentum 0.85, Nesterov) with a large lr, so that 3 steps show
+    # (1e-5 moves them 1e-5 as far)
     optimizer = torch.optim.SGD([p for net in networks for p in net.parameters()], lr=0.1, momentum=0.85, nesterov=True)
     differences = [mean_squared_feature_difference(networks, recorders, images)]
     for _ in range(3):
         optimizer.zero_grad()
-        all_pairs_feature_difference_loss([recorders[k].record(net, images)[1] for k, net in enumerate(networks)]).backward()
+        features = [recorders[k].record(net, images)[1] for k, net in enumerate(networks)]
+        all_pairs_feature_difference_loss(features).backward()
         optimizer.step()
         differences.append(mean_squared_feature_difference(networks, recorders, images))
     assert differences == sorted(differences) and differences[-1] > 1.5 * differences[0]  # 3.24 -> 5.68 measured
@@ -162,10 +166,12 @@ def test_script_writes_checkpoint_and_summary(straight_run):
     assert checkpoint["extra"]["head"]["weight"].shape == (10, 30)
     assert set(checkpoint["optimizers"]) == {"main", "similarity", "fdl", "head"}
     summary = read_summary(out)
-    assert summary["deployed"] == summary["networks"]["head"] and set(summary["networks"]) == {"head", "base1", "base2", "base3"}
+    assert summary["deployed"] == summary["networks"]["head"]
+    assert set(summary["networks"]) == {"head", "base1", "base2", "base3"}
     assert 0 <= summary["ensemble"]["top1"] <= 1
     records = [json.loads(line)["losses"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(set(losses) == {"ce_base1", "ce_base2", "ce_base3", "similarity", "fdl", "feature_diff", "head_ce"} for losses in records)
+    terms = {"ce_base1", "ce_base2", "ce_base3", "similarity", "fdl", "feature_diff", "head_ce"}
+    assert all(set(losses) == terms for losses in records)
     # the pretrain epochs run the CE sub-step only; then every sub-step runs
     assert [losses["head_ce"] > 0 for losses in records] == [False, False, True]
     assert [losses["fdl"] < 0 for losses in records] == [False, False, True] and records[-1]["similarity"] > 0

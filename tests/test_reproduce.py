@@ -165,7 +165,8 @@ def test_report_on_fake_runs(tmp_path):
         summary = json.loads(json.dumps(SUMMARY))
         summary["best"]["outputs"]["net1"]["top1"], summary["best"]["outputs"]["net2"]["top1"] = net1, net2  # CSS: best
         fake_run(reproduce.run_folder(tmp_path, row, seed), summary)
-        fake_run(reproduce.run_folder(tmp_path, base, seed), {**SUMMARY, "best": {"outputs": {"net1": {"top1": single}}}})
+        single_summary = {**SUMMARY, "best": {"outputs": {"net1": {"top1": single}}}}
+        fake_run(reproduce.run_folder(tmp_path, base, seed), single_summary)
     fake_run(reproduce.run_folder(tmp_path, reproduce.ROWS["css-t1-resnet56"], 0), epochs_done=4, epochs=300)
     lines = report_csv("css-t1-resnet110", "css-t1-resnet56", "--out-dir", tmp_path)
     values = 100 * np.array(ours).mean(1)  # the row reads the mean of the two networks' best epochs
@@ -283,7 +284,8 @@ def headline(script):
     return shlex.split(line.split("#")[0])[2:]
 
 
-NOT_THE_EXPERIMENT = {"given", "overwrite", "seed", "out_dir", "data_dir", "device", "resume", "stop_after", "compile", "amp",
+NOT_THE_EXPERIMENT = {"given", "overwrite", "seed", "out_dir", "data_dir", "device", "resume", "stop_after", "compile",
+                      "amp",
                       "channels_last", "eval_every"}
 
 

@@ -124,7 +124,8 @@ def test_default_schedule_is_section_4_1_halved_at_each_of_the_ten_milestones():
     lr ends at 0.1 / 2^10 (not 1e-11, as PyTorch's default x0.1 would make it) and every milestone halves it."""
     args = parse_args([])
     assert (args.model, args.dataset, args.epochs, args.batch_size, args.lr) == ("resnet18", "cifar100", 260, 128, 0.1)
-    lr_at = {epoch: args.lr * lr_factor(epoch * 10, 10, args) for epoch in (0, 29, 30, 54, 55, 80, 105, 135, 239, 240, 259)}
+    epochs = (0, 29, 30, 54, 55, 80, 105, 135, 239, 240, 259)
+    lr_at = {epoch: args.lr * lr_factor(epoch * 10, 10, args) for epoch in epochs}
     expected = {0: 0.1, 29: 0.1, 30: 0.05, 54: 0.05, 55: 0.025, 80: 0.1 / 8, 105: 0.1 / 16, 135: 0.1 / 32,
                 239: 0.1 / 512, 240: 0.1 / 1024, 259: 0.1 / 1024}
     assert lr_at == pytest.approx(expected, rel=1e-12)
@@ -135,7 +136,7 @@ def test_default_schedule_is_section_4_1_halved_at_each_of_the_ten_milestones():
 
 # ---- the script end to end ----
 SMALL = ["--subset", "128"]  # after TINY_RUN, so it wins
-MSDNET_RUN = ["--model", "msdnet5", "--subset", "16", "--batch-size", "8"]  # MSDNet costs ~0.25 s per image on 2 CPU cores
+MSDNET_RUN = ["--model", "msdnet5", "--subset", "16", "--batch-size", "8"]  # MSDNet: ~0.25 s per image on 2 CPU cores
 
 
 def run_and_read(out, *extra, dataset):
@@ -197,4 +198,5 @@ def test_bad_arguments_are_rejected_by_the_parser(args, message, capsys):
 def test_betas_not_matching_the_msdnet_exits_give_one_line_error(cifar10_sample):
     result = run_script("sila.py", *TINY_RUN, *MSDNET_RUN, "--dataset", cifar10_sample, "--betas", "1", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["sila.py: error: --betas has 2 values but there are 5 exits in msdnet5"]
+    expected = "sila.py: error: --betas has 2 values but there are 5 exits in msdnet5"
+    assert result.stderr.strip().splitlines() == [expected]

@@ -60,7 +60,7 @@ def test_dml_loss_matches_hand_computation():
     logits = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
     targets = torch.tensor([0])
     losses, ces, kls = dml_loss(logits, targets)
-    p = [F.softmax(l, 1)[0] for l in logits]
+    p = [F.softmax(output, 1)[0] for output in logits]
     kl_1 = sum(p[1][c] * math.log(p[1][c] / p[0][c]) for c in range(2))  # KL(p_2 || p_1), summed over classes
     kl_2 = sum(p[0][c] * math.log(p[0][c] / p[1][c]) for c in range(2))
     assert kls[0].item() == pytest.approx(float(kl_1), rel=1e-5)
