@@ -701,8 +701,8 @@ def _tinyimagenet_c_sets(corruptions: list, subset, num_classes):
     for corruption in corruptions:
         missing = [severity for severity in severities if not (corruption / severity).is_dir()]
         if missing:
-            raise FileNotFoundError(f"{corruption} lacks severity folder(s) {', '.join(missing)} (Tiny-ImageNet-C "
-                                    f"holds <corruption>/1..{CORRUPTION_SEVERITIES}/<wnid>/*.JPEG): a partial download?")
+            raise FileNotFoundError(f"{corruption} lacks severity folder(s) {', '.join(missing)}: Tiny-ImageNet-C "
+                                    f"holds <corruption>/1..{CORRUPTION_SEVERITIES}/<wnid>/*.JPEG (partial?)")
         for severity in severities:
             where = corruption / severity
             wnids = sorted(path.name for path in where.iterdir() if path.is_dir())
