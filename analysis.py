@@ -224,15 +224,15 @@ def find_runs(paths, marker="checkpoint.pt"):
 
 def saved_run(run_dir):
     """(method, saved arguments) of a run: from summary.json when it finished, else from its checkpoint
-    (memory-mapped: the weights are not read); ("?", {}) when it has neither yet."""
+    (memory-mapped: the weights are not read); (its folder's name, {}) when it has neither yet."""
     summary = run_dir / "summary.json"
     if summary.is_file():
         saved = json.loads(summary.read_text())
     elif (run_dir / "checkpoint.pt").is_file():
         saved = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True, mmap=True)
     else:
-        return "?", {}
-    return saved.get("method", "?"), saved.get("args", {})
+        return run_dir.name, {}
+    return saved.get("method", run_dir.name), saved.get("args", {})
 
 
 def configuration(method, args):
@@ -247,12 +247,14 @@ def group_by_configuration(runs):
     groups = {}
     for item, method, args in runs:
         groups.setdefault(configuration(method, args), []).append(item)
-    settings = [dict(config[1:]) for config in groups]
-    shared = set.intersection(*(set(setting) for setting in settings))
-    telling = sorted(key for key in shared if len({setting[key] for setting in settings}) > 1)
+    settings = {config: dict(config[1:]) for config in groups}
     labels = []
-    for config, setting in zip(groups, settings):
-        keys = telling if len(groups) > 1 else [key for key in ("model",) if key in setting]
+    for config, setting in settings.items():
+        peers = [other for other in settings.values() if other is not setting] if len(groups) > 1 else []
+        same_method = [other for other_config, other in settings.items() if other_config[0] == config[0]]
+        # the arguments in which this group differs from the other groups of its method (the method tells the rest)
+        keys = sorted(key for key in setting if len(same_method) > 1 and all(key in other for other in same_method)
+                      and len({other[key] for other in same_method}) > 1) if peers else ["model"] * ("model" in setting)
         label = " ".join([config[0], *(f"{key}={json.loads(setting[key])}" for key in keys)])
         labels.append(label if label not in labels else f"{label} #{len(labels) + 1}")
     return list(zip(labels, groups.values()))
@@ -805,7 +807,7 @@ def train_probe(features, labels, num_classes, args):
     epochs). Its initialisation (PyTorch's default U(+-1/sqrt(fan_in))) and batch order are drawn from a
     generator seeded by --seed, so each probe is reproducible on its own."""
     generator = torch.Generator().manual_seed(args.seed)
-    probe = nn.Linear(features.shape[1], num_classes)
+    probe = torch.nn.utils.skip_init(nn.Linear, features.shape[1], num_classes)  # initialised here, not by the global RNG
     with torch.no_grad():
         for parameter in probe.parameters():
             parameter.uniform_(-features.shape[1] ** -0.5, features.shape[1] ** -0.5, generator=generator)

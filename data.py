@@ -722,11 +722,14 @@ def _tinyimagenet_c_sets(corruptions: list, subset, num_classes):
     if num_classes is not None and len(reference[1]) != num_classes:
         raise ValueError(f"{reference[0]} has {len(reference[1])} class folders, the run has {num_classes} classes")
 
+    def read(path):
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
     def sets():
-        from torchvision.io import ImageReadMode, read_image
         for (corruption, severity), files in layout.items():
             files = [files[row] for row in subset_rows(len(files), subset, grouped_by_class=True)]
-            images = torch.stack([read_image(str(path), ImageReadMode.RGB) for path, _ in files])
+            images = torch.stack([read(path) for path, _ in files])
             yield corruption, severity, images, torch.tensor([label for _, label in files])
 
     return sets()
