@@ -136,7 +136,8 @@ class MinibatchCKA:
     def update_grams(self, gram_x, gram_y):
         if gram_x.shape[0] <= 3:
             raise ValueError("the unbiased HSIC needs batches of more than 3 samples")
-        hsics = torch.stack([unbiased_hsic(gram_x, gram_y), unbiased_hsic(gram_x, gram_x), unbiased_hsic(gram_y, gram_y)])
+        hsics = torch.stack([unbiased_hsic(gram_x, gram_y), unbiased_hsic(gram_x, gram_x),
+                             unbiased_hsic(gram_y, gram_y)])
         self.hsic_sums = hsics if self.hsic_sums is None else self.hsic_sums + hsics
         self.batches += 1
 
@@ -217,7 +218,8 @@ def find_runs(paths, marker="checkpoint.pt"):
         else:
             runs = sorted(child for child in path.iterdir() if (child / marker).is_file()) if path.is_dir() else []
         if not runs:
-            fail(f"no {marker} in {path} nor in its sub-folders (give run folders written by a method script, e.g. tna.py)")
+            fail(f"no {marker} in {path} nor in its sub-folders (give run folders written by a method script, "
+                 f"e.g. tna.py)")
         found += [run.resolve() for run in runs if run.resolve() not in found]
     return found
 
@@ -346,7 +348,8 @@ def load_run(path, device):
         module = importlib.import_module(checkpoint["method"])
     except ImportError as error:
         fail(f"{checkpoint_path} was written by {checkpoint['method']}.py, which cannot be imported here: {error}")
-    networks = module.build_networks(argparse.Namespace(**checkpoint["args"]), checkpoint["num_classes"], checkpoint["image_size"])
+    networks = module.build_networks(argparse.Namespace(**checkpoint["args"]), checkpoint["num_classes"],
+                                     checkpoint["image_size"])
     backbones, deployed, extra = list(networks), checkpoint["deployed"], checkpoint.get("extra", {})
     states = dict(checkpoint["networks"])
     if deployed not in networks and "weight" in extra.get(deployed, {}):  # FDL: the head over the bases' logits
@@ -474,7 +477,9 @@ def captured(taps, transform):
     store = {}
 
     def hook(key):
-        return lambda module, inputs, output: store.__setitem__(key, transform(output[-1] if isinstance(output, (list, tuple)) else output))
+        def keep(module, inputs, output):
+            store[key] = transform(output[-1] if isinstance(output, (list, tuple)) else output)
+        return keep
 
     handles = [module.register_forward_hook(hook(key)) for key, module in taps]
     try:
@@ -499,7 +504,8 @@ def concatenate_batches(batches, per_batch):
 def evaluate(predict, batches):
     """Top-1 and NLL of every output of predict(images) -> {name: logits} over the batches."""
     def correct_and_nll(images, labels):  # per image, so the means weigh every image once
-        return {name: torch.stack([(logits.argmax(1) == labels).double(), F.cross_entropy(logits.double(), labels, reduction="none")], 1)
+        return {name: torch.stack([(logits.argmax(1) == labels).double(),
+                                   F.cross_entropy(logits.double(), labels, reduction="none")], 1)
                 for name, logits in predict(images).items()}
 
     per_image = concatenate_batches(batches, correct_and_nll)
@@ -546,7 +552,8 @@ class Table(dict):
         return list(dict.fromkeys(column for _, column in self))
 
     def restricted(self, rows):
-        return Table({(row, column): self[row, column] for row in rows for column in self.columns if (row, column) in self})
+        return Table({(row, column): self[row, column] for row in rows for column in self.columns
+                      if (row, column) in self})
 
     def series(self, column, rows=None):
         """(rows, means, stds) of one column over `rows` (default: every row it has); the std of one value is
@@ -722,7 +729,8 @@ def cka_comparisons(args, runs):
     if args.runs:
         if len(args.runs) > 2 or (comparisons and {"runs_a", "runs_b"} & set(comparisons[0])):
             fail("give the first comparison as RUN_A [RUN_B] or with --runs-a/--runs-b, not both")
-        comparisons[:1] = [{**(comparisons[:1] or [{}])[0], "runs_a": args.runs[:1], "runs_b": args.runs[1:] or args.runs}]
+        first = (comparisons[:1] or [{}])[0]
+        comparisons[:1] = [{**first, "runs_a": args.runs[:1], "runs_b": args.runs[1:] or args.runs}]
     if not comparisons or any("runs_a" not in comparison for comparison in comparisons):
         fail("cka needs runs: RUN_A [RUN_B], or --runs-a A0 A1 ... [--runs-b B0 B1 ...]")
     resolved = []
@@ -793,7 +801,8 @@ def cka_command(args):
     def draw(plt):
         figure, axis = new_figure(plt, 8)
         plot_table(axis, table, f"{args.level} ('logits': the last layer's output)", "linear CKA")
-        titled(figure, "Feature similarity (TNA Table 5)", [f"{label} (n={len(pairs)})" for label, pairs in comparisons])
+        titled(figure, "Feature similarity (TNA Table 5)",
+               [f"{label} (n={len(pairs)})" for label, pairs in comparisons])
         return figure
 
     header, rows = table.long(["layer"], "cka")
@@ -807,7 +816,7 @@ def train_probe(features, labels, num_classes, args):
     epochs). Its initialisation (PyTorch's default U(+-1/sqrt(fan_in))) and batch order are drawn from a
     generator seeded by --seed, so each probe is reproducible on its own."""
     generator = torch.Generator().manual_seed(args.seed)
-    probe = torch.nn.utils.skip_init(nn.Linear, features.shape[1], num_classes)  # initialised here, not by the global RNG
+    probe = torch.nn.utils.skip_init(nn.Linear, features.shape[1], num_classes)  # no draw from the global RNG
     with torch.no_grad():
         for parameter in probe.parameters():
             parameter.uniform_(-features.shape[1] ** -0.5, features.shape[1] ** -0.5, generator=generator)
@@ -909,7 +918,8 @@ def corruption_command(args):
         print(f"note: the average is over the {len(corruptions)} corruptions found; the papers average the "
               f"{len(CORRUPTIONS)} benchmark ones" + (f"; missing here: {', '.join(missing)}" if missing else "")
               + (f"; not among them: {', '.join(extra)}" if extra else ""))
-    summary = table.restricted([("clean", "-"), *((corruption, "mean") for corruption in corruptions), ("average", "mean")])
+    summary = table.restricted([("clean", "-"), *((corruption, "mean") for corruption in corruptions),
+                                ("average", "mean")])
     by_severity = Table()  # accuracy against severity (0: clean), averaged over the corruptions run by run
     for severity in [0, *severities]:
         for column, value in zip((entry[0] for entry in chosen), rows[("clean", "-")] if severity == 0 else
@@ -978,7 +988,8 @@ def ensemble_command(args):
 
     header, rows = table.long(["network", "metric"], "value")
     parts = ["across"] * args.across_runs + list(dict.fromkeys(row[0] for row in table.rows))
-    report(output_base(args, first.directory, *parts), header, rows, draw, printed=table.printed(["network", "metric"], lambda row: 2 if row[1] == "top-1 (%)" else 4))
+    report(output_base(args, first.directory, *parts), header, rows, draw,
+           printed=table.printed(["network", "metric"], lambda row: 2 if row[1] == "top-1 (%)" else 4))
 
 
 def noise_command(args):
@@ -1005,7 +1016,8 @@ def noise_command(args):
                 noisy = copy.deepcopy(network)
                 with torch.no_grad():
                     for parameter in noisy.parameters():
-                        parameter.add_(torch.randn(parameter.shape, generator=generator, device=parameter.device), alpha=sigma)
+                        noise = torch.randn(parameter.shape, generator=generator, device=parameter.device)
+                        parameter.add_(noise, alpha=sigma)
                 changes.append(training_nll(noisy) - clean)
             for change in changes if sizes.get(column) == 1 else [statistics.fmean(changes)]:
                 table.add(sigma, column, change)
@@ -1083,7 +1095,8 @@ def diversity_command(args):
             for kind in kinds:
                 distances.setdefault(kind, []).append(distance)
     if not rows:
-        fail(f"diversity needs two networks, or a network with branches or exits; {run.directory} has {', '.join(networks)}")
+        fail(f"diversity needs two networks, or a network with branches or exits; {run.directory} has "
+             f"{', '.join(networks)}")
     rows += [["mean", "", kind, statistics.fmean(values)] for kind, values in distances.items()]
 
     def draw(plt):
@@ -1140,7 +1153,8 @@ def msdnet_command(args):
         macs = network.exit_macs
         val_probs, test_probs = val[name].transpose(0, 1).cpu(), test[name].transpose(0, 1).cpu()
         exit_accuracy = (test_probs.argmax(2) == test["labels"].cpu()).float().mean(1).tolist()
-        rows += [[name, "anytime", f"exit {k + 1}", macs[k] / 1e6, 100 * accuracy] for k, accuracy in enumerate(exit_accuracy)]
+        rows += [[name, "anytime", f"exit {k + 1}", macs[k] / 1e6, 100 * accuracy]
+                 for k, accuracy in enumerate(exit_accuracy)]
         curve = budgeted_batch_curve(val_probs, test_probs, test["labels"], macs)
         rows += [[name, "budgeted", f"p={p}", mean_macs / 1e6, 100 * accuracy]
                  for p, (mean_macs, accuracy) in enumerate(curve, start=1)]
@@ -1152,14 +1166,15 @@ def msdnet_command(args):
         for axis, (kind, title, xlabel) in zip(axes, panels):
             for name in networks:
                 points = [row for row in rows if row[0] == name and row[1] == kind]
-                axis.plot([row[3] for row in points], [row[4] for row in points], marker="o" if kind == "anytime" else None,
-                          markersize=4, label=name)
+                axis.plot([row[3] for row in points], [row[4] for row in points],
+                          marker="o" if kind == "anytime" else None, markersize=4, label=name)
             axis.set(xlabel=xlabel, ylabel="test top-1 accuracy (%)")
             axis.set_title(title, fontsize=9)
             axis.grid(alpha=0.3)
         legend_outside(axes[1])
         fitted = "the run's hold-out" if args.fit_on == "holdout" else f"{args.val_size} training images"
-        titled(figure, f"MSDNet exits (thresholds fitted on {fitted})", [f"{run.directory.name}: {', '.join(networks)}"])
+        titled(figure, f"MSDNet exits (thresholds fitted on {fitted})",
+               [f"{run.directory.name}: {', '.join(networks)}"])
         return figure
 
     report(output_base(args, run.directory, args.fit_on, *networks),
@@ -1207,7 +1222,8 @@ def project_2d(features, method, seed):
     if method == "tsne":
         from sklearn.manifold import TSNE
         perplexity = min(30.0, (len(features) - 1) / 3)
-        points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features.double().cpu().numpy())
+        tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed)
+        points = tsne.fit_transform(features.double().cpu().numpy())
         return torch.as_tensor(points).float(), f"t-SNE (scikit-learn, perplexity {perplexity:g})"
     points, explained = pca_2d(features)
     return points.cpu(), f"PCA ({100 * explained[0]:.0f}% and {100 * explained[1]:.0f}% of the variance)"
@@ -1223,7 +1239,12 @@ def embed_command(args):
     networks = select_networks(run, args.networks, run.backbones)
     data = load_data(run, args)
     features_of = {}
-    hooks = [linear.register_forward_pre_hook(lambda module, inputs, key=(name, branch): features_of.__setitem__(key, inputs[0].flatten(1)))
+    def keep(key):
+        def hook(module, inputs):
+            features_of[key] = inputs[0].flatten(1)
+        return hook
+
+    hooks = [linear.register_forward_pre_hook(keep((name, branch)))
              for name, network in networks.items() for branch, linear in enumerate(final_linears(network))]
 
     def penultimate(images, labels):
@@ -1252,8 +1273,12 @@ def embed_command(args):
     def draw(plt):
         figure, axes = new_figure(plt, 4.6 * len(networks) + 1.8, 4.6, ncols=len(networks), squeeze=False)
         markers = "o^sDvP*X"
-        palette = plt.get_cmap("tab10" if data.num_classes <= 10 else "tab20" if data.num_classes <= 20 else "nipy_spectral")
-        colour = (lambda label: palette(label)) if data.num_classes <= 20 else (lambda label: palette(label / (data.num_classes - 1)))
+        few = data.num_classes <= 20  # few enough classes for a qualitative palette and a legend naming them
+        palette = plt.get_cmap("tab10" if data.num_classes <= 10 else "tab20" if few else "nipy_spectral")
+
+        def colour(label):
+            return palette(label if few else label / (data.num_classes - 1))
+
         most_branches = max(branches for _, _, branches in projections.values())
         for axis, name in zip(axes[0], networks):
             points, description, branches = projections[name]
@@ -1265,15 +1290,18 @@ def embed_command(args):
         handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour(label), label=class_name)
                    for label, class_name in enumerate(data.class_names)] if data.num_classes <= 20 else []
         if most_branches > 1:
-            handles += [plt.Line2D([], [], marker=markers[branch % len(markers)], linestyle="", color="black", markerfacecolor="none",
-                                   label=f"branch {branch + 1}") for branch in range(most_branches)]
+            handles += [plt.Line2D([], [], marker=markers[branch % len(markers)], linestyle="", color="black",
+                                   markerfacecolor="none", label=f"branch {branch + 1}")
+                        for branch in range(most_branches)]
         if handles:
             axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=7)
-        titled(figure, "Penultimate features by class (SiLa Fig. 6, CSS Fig. 2)", [f"{run.directory.name}: {', '.join(networks)}"])
+        titled(figure, "Penultimate features by class (SiLa Fig. 6, CSS Fig. 2)",
+               [f"{run.directory.name}: {', '.join(networks)}"])
         return figure
 
-    report(output_base(args, run.directory, method, *networks), ["network", "branch", "image", "label", "class", "x", "y"],
-           rows, draw, printed=(["network", "branches", "images", "feature_dim", "projection"], summary))
+    report(output_base(args, run.directory, method, *networks),
+           ["network", "branch", "image", "label", "class", "x", "y"], rows, draw,
+           printed=(["network", "branches", "images", "feature_dim", "projection"], summary))
 
 
 def grad_cam(network, images):
@@ -1287,7 +1315,8 @@ def grad_cam(network, images):
         logits, features = network(inputs, return_features=True)
         logits, target_layer = final_logits(logits), features[-1]
         if target_layer.dim() != 4:
-            fail(f"Grad-CAM needs a convolutional last stage ([B, C, H, W]); this network's is {list(target_layer.shape)}")
+            fail(f"Grad-CAM needs a convolutional last stage ([B, C, H, W]); this network's is "
+                 f"{list(target_layer.shape)}")
         predicted = logits.argmax(1)
         score = logits.gather(1, predicted[:, None]).sum()  # images do not interact in eval mode
         gradients = torch.autograd.grad(score, target_layer)[0]
@@ -1310,19 +1339,21 @@ def gradcam_command(args):
     rows, maps = [], {}
     for name, network in networks.items():
         maps[name], predicted, probability = grad_cam(network, images)
-        rows += [[index, data.class_names[label], name, data.class_names[guess], confidence] for index, (label, guess, confidence)
-                 in enumerate(zip(labels.tolist(), predicted.tolist(), probability.tolist()))]
+        rows += [[index, data.class_names[label], name, data.class_names[guess], confidence]
+                 for index, (label, guess, confidence) in enumerate(zip(labels.tolist(), predicted.tolist(),
+                                                                        probability.tolist()))]
     pictures = (images * data.test.std + data.test.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def draw(plt):
-        figure, axes = new_figure(plt, 1.5 * len(pictures) + 1, 1.7 * (1 + len(networks)) + 0.6, nrows=1 + len(networks),
-                                  ncols=len(pictures), squeeze=False)
+        figure, axes = new_figure(plt, 1.5 * len(pictures) + 1, 1.7 * (1 + len(networks)) + 0.6,
+                                  nrows=1 + len(networks), ncols=len(pictures), squeeze=False)
         for column, picture in enumerate(pictures):
             axes[0][column].imshow(picture)
             axes[0][column].set_title(data.class_names[labels[column]], fontsize=7)
             for row_index, name in enumerate(networks, start=1):
                 axes[row_index][column].imshow(picture)
-                heat = axes[row_index][column].imshow(maps[name][column].cpu().numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+                heat = axes[row_index][column].imshow(maps[name][column].cpu().numpy(), cmap="jet", alpha=0.5,
+                                                      vmin=0, vmax=1)
                 guess, confidence = next((r[3], r[4]) for r in rows if r[0] == column and r[2] == name)
                 axes[row_index][column].set_title(f"{guess} ({confidence:.2f})", fontsize=7)
         for axis in axes.flat:
@@ -1379,8 +1410,9 @@ def chosen_series(every, patterns):
     DEFAULT_CURVES first, then any other series but test top-2/top-5/NLL and the networks' means."""
     if patterns is None:
         hidden = ("test/*/top2", "test/*/top5", "test/*/nll", "networks_mean/*")
-        others = [series for series in every if not any(fnmatch(series, pattern) for pattern in hidden)]
-        patterns, every = [*DEFAULT_CURVES, "*"], [series for series in every if series in others or series in DEFAULT_CURVES]
+        every = [series for series in every
+                 if series in DEFAULT_CURVES or not any(fnmatch(series, pattern) for pattern in hidden)]
+        patterns = [*DEFAULT_CURVES, "*"]
     return list(dict.fromkeys(series for pattern in patterns for series in every if fnmatch(series, pattern)))
 
 
@@ -1454,7 +1486,8 @@ def curves_figure(plt, groups, curves, shown):
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(shown):]:
         axis.set_visible(False)
-    handles = [plt.Line2D([], [], color=colours(index % 10), linewidth=2, label=name) for index, name in enumerate(group_names(groups))]
+    handles = [plt.Line2D([], [], color=colours(index % 10), linewidth=2, label=name)
+               for index, name in enumerate(group_names(groups))]
     figure.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8,
                   title="thin: each run\nthick and band: mean ± std", title_fontsize=8)
     titled(figure, "Training curves", [label for label, _ in groups])
@@ -1463,27 +1496,27 @@ def curves_figure(plt, groups, curves, shown):
 
 # ==== command line ====
 def parse_args(argv=None):
-    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                    epilog=__doc__.split("\n\n", 1)[1])
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def command(name, function, help_text, runs_help, networks_help, several=False):
         """A subcommand with its run argument(s) and the options every analysis shares."""
         sub = commands.add_parser(name, help=help_text, description=function.__doc__)
         sub.set_defaults(function=function)
-        if several:
-            sub.add_argument("runs", nargs="+", help=runs_help)
-        elif runs_help:
-            sub.add_argument("run", help=runs_help)
+        if runs_help:
+            sub.add_argument("runs" if several else "run", nargs="+" if several else None, help=runs_help)
         if networks_help:
             sub.add_argument("--networks", default=None, help=networks_help)
-        sub.add_argument("--out", default=None, help="write PATH.csv and PATH.png (default: into the first run folder, "
-                                                     "named by what is compared)")
-        if name == "curves":
+        sub.add_argument("--out", default=None, metavar="PATH",
+                         help="write PATH.csv and PATH.png (default: into the first run folder, named by what is "
+                              "compared)")
+        if name == "curves":  # reads metrics.jsonl only: no data, device or seed
             return sub
         sub.add_argument("--dataset", default=None, help="dataset (default: the run's own)")
         sub.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's own)")
-        sub.add_argument("--subset", type=int, default=None, help="first N train and N test images (default: the run's own; 0 = all)")
+        sub.add_argument("--subset", type=int, default=None,
+                         help="first N train and N test images (default: the run's own; 0 = all)")
         sub.add_argument("--device", default="auto", help="auto (cuda if present, default), cpu, cuda or cuda:N")
         sub.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default %(default)s)")
         sub.add_argument("--seed", type=int, default=0, help="seed of the analysis' random draws (default %(default)s)")
@@ -1493,52 +1526,61 @@ def parse_args(argv=None):
     runs_of = "run folders, or folders holding run folders; runs differing only in the seed are averaged"
     cka = command("cka", cka_command, "linear CKA per block between two networks (TNA Table 5)", None, None)
     cka.set_defaults(comparisons=None)
-    cka.add_argument("runs", nargs="*", help="RUN_A [RUN_B]: one comparison (the same run twice, or once: two of its networks)")
+    cka.add_argument("runs", nargs="*", metavar="RUN",
+                     help="RUN_A [RUN_B]: one comparison (one run: two of its networks)")
     comparison = cka.add_argument_group("comparisons (repeat --runs-a ... for more columns of the table)")
     comparison.add_argument("--runs-a", nargs="+", action=ComparisonOption, metavar="RUN",
                             help="runs of side A (or a folder of them), paired with side B by seed (else in order)")
-    comparison.add_argument("--runs-b", nargs="+", action=ComparisonOption, metavar="RUN", help="runs of side B (default: side A's)")
+    comparison.add_argument("--runs-b", nargs="+", action=ComparisonOption, metavar="RUN",
+                            help="runs of side B (default: side A's)")
     comparison.add_argument("--networks", action=ComparisonOption, metavar="NAME_A,NAME_B",
-                            help="a network of side A's runs and one of side B's (default: the first two networks of a run "
-                                 "compared with itself, else each run's deployed one)")
-    comparison.add_argument("--label", action=ComparisonOption, help="the comparison's column title (e.g. 'Base vs Twin')")
+                            help="a network of side A's runs and one of side B's (default: the first two networks "
+                                 "of a run compared with itself, else each run's deployed one)")
+    comparison.add_argument("--label", action=ComparisonOption,
+                            help="the comparison's column title, e.g. 'Base vs Twin'")
     cka.add_argument("--level", choices=["block", "stage"], default="block",
                      help="CKA at the end of every residual block (TNA Table 5, default) or of every stage")
-    cka.add_argument("--passes", type=int, default=1, help="passes over the test set, each a new shuffle (default %(default)s)")
+    cka.add_argument("--passes", type=int, default=1,
+                     help="passes over the test set, each a new shuffle (default %(default)s)")
     probes = command("probes", probes_command, "linear probe accuracy per block (TNA Fig. 2)", runs_of,
                      "comma-separated networks to probe (default: the deployed one)", several=True)
-    probes.add_argument("--level", choices=["block", "stage"], default="block", help="a probe after every block (default) or stage")
-    probes.add_argument("--epochs", type=int, default=10, help="probe training epochs (default %(default)s, appendix A.3)")
-    probes.add_argument("--lr", type=float, default=0.01, help="probe learning rate (default %(default)s, appendix A.3)")
-    corruption = command("corruption", corruption_command, "accuracy per corruption and severity (TNA Table 6)", runs_of,
-                         "comma-separated networks (default: the deployed one)", several=True)
-    corruption.add_argument("--corrupt-dir", required=True, help="CIFAR-10-C/100-C folder (<name>.npy, labels.npy) or Tiny-ImageNet-C folder")
+    probes.add_argument("--level", choices=["block", "stage"], default="block",
+                        help="a probe after every block (default) or stage")
+    probes.add_argument("--epochs", type=int, default=10, help="probe training epochs (appendix A.3: %(default)s)")
+    probes.add_argument("--lr", type=float, default=0.01, help="probe learning rate (appendix A.3: %(default)s)")
+    corruption = command("corruption", corruption_command, "accuracy per corruption and severity (TNA Table 6)",
+                         runs_of, "comma-separated networks (default: the deployed one)", several=True)
+    corruption.add_argument("--corrupt-dir", required=True,
+                            help="CIFAR-10-C/100-C folder (<name>.npy, labels.npy) or Tiny-ImageNet-C folder")
     ensemble = command("ensemble", ensemble_command, "accuracy of logit-averaged networks (TNA Table 3)", runs_of,
-                       "comma-separated networks (default: all of a run; with --across-runs each run's deployed one)", several=True)
+                       "comma-separated networks (default: all of a run; with --across-runs each run's deployed one)",
+                       several=True)
     ensemble.add_argument("--across-runs", action="store_true",
-                          help="ensemble one network of each argument (a run or a folder of seeds), runs paired by seed")
-    noise = command("noise", noise_command, "training NLL change under Gaussian weight noise (SiLa Fig. 7b, AMLN Fig. 3c)",
-                    runs_of + " (e.g. independent, DML, SiLa: one line each)",
+                          help="ensemble one network of each argument (a run or a folder of seeds), paired by seed")
+    noise = command("noise", noise_command, "training NLL change under Gaussian weight noise (SiLa Fig. 7b, AMLN "
+                    "Fig. 3c)", runs_of + " (e.g. independent, DML, SiLa: a line each)",
                     "comma-separated networks taken from every run (default: each run's deployed one)", several=True)
     noise.add_argument("--sigmas", type=float, nargs="+", default=[0.001, 0.005, 0.01],
                        help="standard deviations of the weight noise (default %(default)s)")
     noise.add_argument("--repeats", type=int, default=3, help="noise draws per sigma, averaged (default %(default)s)")
     command("diversity", diversity_command, "mean pairwise distance of softmax outputs (CSS Fig. 3)", one_run,
             "comma-separated networks (default: all)")
-    msdnet = command("msdnet", msdnet_command, "anytime and budgeted batch evaluation of MSDNet exits (SiLa Fig. 4-5)", one_run,
-                     "comma-separated MSDNet networks (default: every MSDNet of the run)")
+    msdnet = command("msdnet", msdnet_command, "anytime and budgeted batch evaluation of MSDNet exits (SiLa Fig. 4-5)",
+                     one_run, "comma-separated MSDNet networks (default: every MSDNet of the run)")
     msdnet.add_argument("--fit-on", choices=["holdout", "train"], default="holdout",
-                        help="fit the exit thresholds on the run's hold-out (default) or on training images (optimistic)")
+                        help="fit the exit thresholds on the run's hold-out (default) or on training images, which "
+                             "the network has seen (optimistic)")
     msdnet.add_argument("--val-size", type=int, default=5000,
                         help="--fit-on train: the last N training images (default %(default)s)")
-    embed = command("embed", embed_command, "2-D t-SNE or PCA of penultimate features (SiLa Fig. 6, CSS Fig. 2)", one_run,
-                    "comma-separated networks (default: all)")
+    embed = command("embed", embed_command, "2-D t-SNE or PCA of penultimate features (SiLa Fig. 6, CSS Fig. 2)",
+                    one_run, "comma-separated networks (default: all)")
     embed.add_argument("--projection", choices=["auto", "tsne", "pca"], default="auto",
                        help="auto: t-SNE when scikit-learn is installed, else PCA (default)")
-    embed.add_argument("--images", type=int, default=2000, help="the first N test images (default %(default)s; t-SNE grows as N log N)")
+    embed.add_argument("--images", type=int, default=2000,
+                       help="the first N test images (default %(default)s; t-SNE's time grows as N log N)")
     gradcam = command("gradcam", gradcam_command, "Grad-CAM heatmaps of a few test images (AMLN Fig. 4)", one_run,
                       "comma-separated networks (default: all)")
-    gradcam.add_argument("--images", type=int, default=8, help="how many test images, the first ones (default %(default)s)")
+    gradcam.add_argument("--images", type=int, default=8, help="the first N test images (default %(default)s)")
     curves = command("curves", curves_command, "training curves from metrics.jsonl, seeds as mean ± std bands",
                      "run folders (holding metrics.jsonl), or folders holding them", None, several=True)
     curves.add_argument("--series", nargs="+", default=None, metavar="PATTERN",

@@ -36,7 +36,9 @@ def cka_by_the_formula(x, y):
 
 def random_features(n=200, dims=(20, 30), seed=0):
     generator = torch.Generator().manual_seed(seed)
-    normal = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731 (float64: exact invariances)
+    def normal(*shape):  # float64: exact invariances
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
     shared = normal(n, 5)  # both representations see the same 5 factors, plus noise
     return [shared @ normal(5, d) + normal(n, d) for d in dims]
 
@@ -211,7 +213,8 @@ EXIT_MACS = [10, 30]
 ])
 def test_budgeted_batch_curve_by_hand(p, threshold, mean_macs, accuracy):
     shares = torch.tensor([1.0, p / 20])
-    assert exit_thresholds(VAL_PROBS, (shares / shares.sum()).tolist()).tolist() == pytest.approx([threshold, -math.inf])
+    thresholds = exit_thresholds(VAL_PROBS, (shares / shares.sum()).tolist())
+    assert thresholds.tolist() == pytest.approx([threshold, -math.inf])
     curve = budgeted_batch_curve(VAL_PROBS, TEST_PROBS, TEST_TARGETS, EXIT_MACS)
     assert len(curve) == 39
     assert curve[p - 1] == pytest.approx((mean_macs, accuracy))
@@ -255,7 +258,8 @@ def tinyimagenet_c(folder, severities=range(1, 6), classes=("n01", "n02"), empty
 
 def test_corruption_sets_read_both_layouts(tmp_path):
     sets = list(corruption_sets(cifar_c(tmp_path / "c", ("fog", "snow")), subset=4))
-    assert [(name, severity) for name, severity, _, _ in sets] == [(name, s) for name in ("fog", "snow") for s in range(1, 6)]
+    assert [(name, severity) for name, severity, _, _ in sets] == [(name, s) for name in ("fog", "snow")
+                                                                   for s in range(1, 6)]
     assert sets[0][2].shape == (4, 3, 32, 32) and sets[1][3].tolist() == [8, 9, 0, 1]  # severity 2's labels
     sets = list(corruption_sets(tinyimagenet_c(tmp_path / "t"), num_classes=2))
     assert len(sets) == 5 and sets[0][2].shape == (2, 3, 64, 64) and sets[0][3].tolist() == [0, 1]
@@ -415,7 +419,8 @@ def test_cka_table_5_layout_mean_and_std_over_pairs_of_runs(seeds):
         mean, std, n, values = cells[layer, "Base vs Twin"]
         pairs = [next(value for (row, _), value in single.items() if row == layer)[0] for single in singles]
         assert n == 2 and values == pytest.approx(pairs, abs=1e-5)
-        assert mean == pytest.approx(np.mean(pairs), abs=1e-5) and float(std) == pytest.approx(np.std(pairs, ddof=1), abs=1e-5)
+        assert mean == pytest.approx(np.mean(pairs), abs=1e-5)
+        assert float(std) == pytest.approx(np.std(pairs, ddof=1), abs=1e-5)  # the sample std over the pairs
         assert cells[layer, "Base vs Base"][0] == pytest.approx(1.0)  # paired by seed, not in the order given
 
 
@@ -428,7 +433,8 @@ def test_cka_stage_level_and_a_two_run_comparison(runs, seeds):
 def test_probes_over_a_group_of_seeds(seeds, runs):
     rows, _, _ = analyse("probes", seeds[0].parent, runs("dml", *METHODS["dml"]), "--epochs", "2")
     cells = per_cell(rows, "probe_at", "test_top1_percent")
-    assert [layer for layer, output in cells if output.startswith("tna")] == ["block 1", "block 2", "block 3", "block 4", "own head"]
+    layers = [layer for layer, output in cells if output.startswith("tna")]
+    assert layers == ["block 1", "block 2", "block 3", "block 4", "own head"]
     assert {n for _, _, n, _ in cells.values()} == {1, 2}  # two TNA seeds, one DML run
     again, _, _ = analyse("probes", seeds[0].parent, runs("dml", *METHODS["dml"]), "--epochs", "2")
     assert again == rows  # --seed fixes the probes' initialisation and order
@@ -440,10 +446,12 @@ def test_noise_and_corruption_over_a_group_of_seeds(seeds, corrupt_dir):
     assert float(rows[0]["nll_change_mean"]) == 0.0 and float(rows[1]["nll_change_mean"]) != 0.0
     rows, _, _ = analyse("corruption", seeds[0].parent, "--corrupt-dir", corrupt_dir)
     cells = per_cell(rows, "corruption", "test_top1_percent")
-    by_key = {(row["corruption"], row["severity"]): [float(v) for v in row["test_top1_percent_per_run"].split()] for row in rows}
-    assert all(by_key["identity", str(severity)] == by_key["clean", "-"] for severity in range(1, 6))  # normalised as the run's
-    assert by_key["average", "mean"] == pytest.approx(np.mean([by_key["identity", "mean"], by_key["gaussian_noise", "mean"]], 0),
-                                                      abs=1e-3)  # the CSV keeps 6 significant digits per run
+    by_key = {(row["corruption"], row["severity"]): [float(v) for v in row["test_top1_percent_per_run"].split()]
+              for row in rows}
+    # the identity corruption scores the clean accuracy: the images are normalised as the run's own
+    assert all(by_key["identity", str(severity)] == by_key["clean", "-"] for severity in range(1, 6))
+    average = np.mean([by_key["identity", "mean"], by_key["gaussian_noise", "mean"]], 0)
+    assert by_key["average", "mean"] == pytest.approx(average, abs=1e-3)  # the CSV keeps 6 significant digits
     assert cells["clean", "tna model=convnet: base"][2] == 2
 
 
@@ -467,7 +475,8 @@ def test_curves_draw_a_line_per_run_and_a_band_per_group(seeds, runs):
     curves = {run_dir: analysis.read_curves(run_dir) for run_dir in run_dirs}
     figure = analysis.curves_figure(plt, groups, curves, ["test/ensemble/top1"])
     axis = figure.axes[0]
-    assert sorted(line.get_gid() for line in axis.lines if line.get_gid().startswith("run:")) == ["run:dml", "run:s0", "run:s1"]
+    run_lines = sorted(line.get_gid() for line in axis.lines if line.get_gid().startswith("run:"))
+    assert run_lines == ["run:dml", "run:s0", "run:s1"]
     assert [band.get_gid() for band in axis.collections] == [f"band:{groups[0][0]}"]  # the group of two seeds only
     plt.close(figure)
 
@@ -476,12 +485,15 @@ def test_curves_draw_any_series_a_run_logs(tmp_path):
     """A series the method logs per evaluation (e.g. CSS's branch diversity) is drawn like the others."""
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"epoch": epoch, "lr": 0.1, "losses": {"ce": 2.0 / epoch}, "diversity": {"net1": {"branches": 0.1 * epoch}},
-                "test": {"net1": {"top1": 0.1 * epoch, "top5": 0.5}}, "eta_s": 3.0} for epoch in (1, 2, 3)]
-    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n{\"epoch\": 4, \"lr")  # a line being written
+    records = [{"epoch": epoch, "lr": 0.1, "losses": {"ce": 2.0 / epoch}, "eta_s": 3.0,
+                "diversity": {"net1": {"branches": 0.1 * epoch}}, "test": {"net1": {"top1": 0.1 * epoch, "top5": 0.5}}}
+               for epoch in (1, 2, 3)]
+    lines = [*map(json.dumps, records), '{"epoch": 4, "lr']  # the last line is being written
+    (run / "metrics.jsonl").write_text("\n".join(lines))
     rows, _, stdout = analyse("curves", run)
-    assert {row["series"] for row in rows} == {"lr", "losses/ce", "diversity/net1/branches", "test/net1/top1", "test/net1/top5"}
-    assert "diversity/net1/branches" in stdout and "test/net1/top5" not in stdout  # drawn by default; top-5 only in the CSV
+    assert {row["series"] for row in rows} == {"lr", "losses/ce", "diversity/net1/branches", "test/net1/top1",
+                                               "test/net1/top5"}
+    assert "diversity/net1/branches" in stdout and "test/net1/top5" not in stdout  # drawn; top-5 only in the CSV
 
 
 def test_outputs_are_named_by_what_they_compare_and_never_silently_replaced(runs, tmp_path):
@@ -517,19 +529,21 @@ def has_sklearn():
 def test_diversity_includes_the_cross_network_branch_pairs(runs):
     rows, _, _ = analyse("diversity", runs("css", *METHODS["css"]))
     means = {row["kind"]: float(row["distance"]) for row in rows if row["output_a"] == "mean"}
-    assert {"between networks", "within net1", "within net2", "corresponding branches", "other branch pairs across networks",
-            "all branch pairs across networks"} == set(means)
+    assert set(means) == {"between networks", "within net1", "within net2", "corresponding branches",
+                          "other branch pairs across networks", "all branch pairs across networks"}
     pairs = [row for row in rows if row["output_a"] != "mean" and row["kind"] in ("corresponding branches",
                                                                                  "other branch pairs across networks")]
     assert len(pairs) == 9  # 3 x 3 branch pairs between net1 and net2
-    assert means["all branch pairs across networks"] == pytest.approx(np.mean([float(row["distance"]) for row in pairs]))
+    average = np.mean([float(row["distance"]) for row in pairs])
+    assert means["all branch pairs across networks"] == pytest.approx(average)
 
 
 def test_gradcam_maps(runs):
     rows, written, _ = analyse("gradcam", runs("tna", *METHODS["tna"]), "--images", "3")
     assert len(rows) == 2 * 3
     maps = np.load(written[".csv"].with_suffix(".npz"))
-    assert maps["gradcam_base"].shape == (3, 32, 32) and maps["gradcam_base"].min() >= 0 and maps["gradcam_base"].max() <= 1
+    assert maps["gradcam_base"].shape == (3, 32, 32)
+    assert maps["gradcam_base"].min() >= 0 and maps["gradcam_base"].max() <= 1
 
 
 def test_figure_is_optional(runs, monkeypatch, capsys):
@@ -548,7 +562,8 @@ def test_msdnet_fits_thresholds_on_training_images_only_when_asked(runs, capsys)
     run = runs("sila_msdnet", "sila.py", *MSDNET)
     with pytest.raises(SystemExit) as exit_info:
         main(["msdnet", str(run)])
-    assert "has no hold-out (holdout.json)" in str(exit_info.value.code) and "--fit-on train" in str(exit_info.value.code)
+    error = str(exit_info.value.code)
+    assert "has no hold-out (holdout.json)" in error and "--fit-on train" in error and "\n" not in error
     result = run_script("analysis.py", "msdnet", run, "--fit-on", "train", "--val-size", "32")
     assert result.returncode == 0 and "warning: thresholds fitted on 32 training images" in result.stderr
     rows = read_csv(next(run.glob("analysis_msdnet__train*.csv")))
