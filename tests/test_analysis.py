@@ -237,6 +237,32 @@ def test_diversity_reaches_the_branches_of_a_css_network():
     assert len(branches) == 3 and all(logits.shape == (2, 10) for logits in branches)
 
 
+# ---- the in-order reader the analyses use (data.py) ----
+def test_rows_in_order_reads_every_training_image_unaugmented_in_the_order_asked(tmp_path):
+    """Training NLL and probe features need every training image once, unaugmented, the last batch kept;
+    minibatch CKA and hold-out rows need rows in a given order. Both loader kinds, through data.py."""
+    from PIL import Image
+    from data import build_data, rows_in_order
+    data = build_data("fake", batch_size=100, subset=250, augment="standard")  # the training loader augments
+    images, labels = map(torch.cat, zip(*rows_in_order(data.train, 100)))
+    assert len(images) == 250 and [len(batch) for batch, _ in rows_in_order(data.train, 100)] == [100, 100, 50]
+    picked, picked_labels = map(torch.cat, zip(*rows_in_order(data.train, 3, [7, 2, 249])))
+    assert torch.equal(picked, images[[7, 2, 249]]) and torch.equal(picked_labels, labels[[7, 2, 249]])
+    assert torch.equal(images, next(rows_in_order(data.train, 250))[0])  # not augmented: the same every time
+    for split in ("train", "val"):  # an image-folder dataset (80 px: read through a DataLoader, test transform)
+        for label in range(2):
+            (tmp_path / split / f"class{label}").mkdir(parents=True)
+            for index in range(3):
+                colour = (40 * index, 100 * label, 0)
+                Image.new("RGB", (80, 80), colour).save(tmp_path / split / f"class{label}" / f"{index}.JPEG")
+    folder = build_data(f"folder:{tmp_path}", batch_size=2, augment="none", num_workers=0)
+    train, train_labels = map(torch.cat, zip(*rows_in_order(folder.train, 4)))
+    test, test_labels = map(torch.cat, zip(*folder.test))  # the same files in val/: the test loader's order
+    assert train_labels.tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(train, test)
+    last_first, _ = map(torch.cat, zip(*rows_in_order(folder.train, 4, [5, 0])))
+    assert torch.equal(last_first, train[[5, 0]])
+
+
 # ---- corruption benchmarks: layouts and their faults ----
 def cifar_c(folder, corruptions=("fog",), images=8, labels=None, size=32):
     folder.mkdir(exist_ok=True)
