@@ -64,7 +64,7 @@ PROG = "analysis.py"
 # choice: saved arguments that do not change what a run learns; runs differing only in these are seeds of one
 # configuration (where the run lives, how it was launched, how often it was evaluated, how it was split into jobs)
 NOT_CONFIGURATION = {"seed", "out_dir", "resume", "overwrite", "data_dir", "device", "stop_after", "compile",
-                     "channels_last", "eval_every", "num_workers", "tensorboard"}
+                     "channels_last", "eval_every", "num_workers"}
 # bookkeeping entries of a metrics.jsonl record, not training curves; `best` is a running maximum chosen on the test set
 NOT_CURVES = ("epoch", "epochs", "eta_s", "images_per_s", "best/*")
 DEFAULT_CURVES = ("lr", "losses/*", "test/*/top1", "networks_mean/top1")
@@ -252,11 +252,12 @@ def group_by_configuration(runs):
     settings = {config: dict(config[1:]) for config in groups}
     labels = []
     for config, setting in settings.items():
-        peers = [other for other in settings.values() if other is not setting] if len(groups) > 1 else []
-        same_method = [other for other_config, other in settings.items() if other_config[0] == config[0]]
-        # the arguments in which this group differs from the other groups of its method (the method tells the rest)
-        keys = sorted(key for key in setting if len(same_method) > 1 and all(key in other for other in same_method)
-                      and len({other[key] for other in same_method}) > 1) if peers else ["model"] * ("model" in setting)
+        if len(groups) == 1:
+            keys = ["model"] if "model" in setting else []
+        else:  # what tells it from the other groups of its method (the method tells it from the rest)
+            same_method = [other for other_config, other in settings.items() if other_config[0] == config[0]]
+            keys = sorted(key for key in setting if all(key in other for other in same_method)
+                          and len({other[key] for other in same_method}) > 1)
         label = " ".join([config[0], *(f"{key}={json.loads(setting[key])}" for key in keys)])
         labels.append(label if label not in labels else f"{label} #{len(labels) + 1}")
     return list(zip(labels, groups.values()))
@@ -418,9 +419,13 @@ def load_data(run, args, cache={}):  # noqa: B006 - the last dataset loaded, reu
             cache[key] = build_data(dataset, key[1], args.batch_size, args.device, **options)
         except (ValueError, FileNotFoundError) as error:
             fail(str(error))
-    data = cache[key]
+    return fitting(run, cache[key])
+
+
+def fitting(run, data):
+    """data, checked to have the image size the run was trained on (runs compared on one run's data)."""
     if data.image_size != run.checkpoint["image_size"]:
-        fail(f"{run.directory} was trained on {run.checkpoint['image_size']}-pixel images, {dataset} has "
+        fail(f"{run.directory} was trained on {run.checkpoint['image_size']}-pixel images, the data has "
              f"{data.image_size}")
     return data
 
@@ -542,6 +547,16 @@ class Table(dict):
 
     def add(self, row, column, value):
         self.setdefault((row, column), []).append(value)
+
+    @classmethod
+    def of(cls, columns, values):
+        """A table from {row: [value of each entry]} and the entries' columns (a column repeats for the runs
+        of one configuration, whose values it collects)."""
+        table = cls()
+        for row, row_values in values.items():
+            for column, value in zip(columns, row_values):
+                table.add(row, column, float(value))
+        return table
 
     @property
     def rows(self):
@@ -759,6 +774,7 @@ def cka_comparisons(args, runs):
 def pair_cka(run_a, name_a, run_b, name_b, data, args):
     """{layer: CKA} between two networks over the test set, at every block (or stage) and the logits: the
     minibatch estimator over seeded shuffled batches of one size, Gram matrices taken as the layers run."""
+    fitting(run_a, data), fitting(run_b, data)
     network_a, network_b = run_a.networks[name_a], run_b.networks[name_b]
     taps_a, taps_b = layer_taps(name_a, network_a, args.level), layer_taps(name_b, network_b, args.level)
     if len(taps_a) != len(taps_b):
@@ -795,7 +811,8 @@ def cka_command(args):
             for layer, value in pair_cka(run_a, name_a, run_b, name_b, load_data(first, args), args).items():
                 table.add(layer, label, value)
     counts = ", ".join(f"{label}: {len(pairs)}" for label, pairs in comparisons)
-    print(f"linear CKA (minibatch: {args.batch_size} test images per batch, {args.passes} shuffled pass(es), "
+    size = min(args.batch_size, loader_size(load_data(first, args).test))
+    print(f"linear CKA (minibatch: {size} test images per batch, {args.passes} shuffled pass(es), "
           f"seed {args.seed}), mean ± std over the pairs of runs ({counts})")
 
     def draw(plt):
@@ -832,10 +849,11 @@ def train_probe(features, labels, num_classes, args):
 
 
 def grouped_networks(runs, args, default):
-    """[(column, run, network name, network)] for the runs of args.runs grouped by configuration: each run's
-    --networks (or default(run)); a column is a configuration and a network name. Also the groups."""
+    """[(column, run, network name, network, runs in its group)] for the runs of args.runs grouped by
+    configuration: each run's --networks (or default(run)); a column is a configuration and a network name.
+    Also the groups."""
     groups = runs.grouped(args.runs)
-    chosen = [(f"{label}: {name}", run, name, network) for label, members in groups for run in members
+    chosen = [(f"{label}: {name}", run, name, network, len(members)) for label, members in groups for run in members
               for name, network in select_networks(run, args.networks, default(run)).items()]
     return chosen, groups
 
@@ -846,7 +864,7 @@ def probes_command(args):
     of one configuration give mean ± std."""
     chosen, groups = grouped_networks(Runs(args.device), args, lambda run: [run.staged])
     table = Table()
-    for column, run, name, network in chosen:
+    for column, run, name, network, _ in chosen:
         data = load_data(run, args)
         taps = layer_taps(name, network, args.level)
         with captured(taps, pooled) as outputs:  # pooled once: the features are frozen (choice: not augmented)
@@ -886,10 +904,12 @@ def corruption_command(args):
     configuration)."""
     chosen, groups = grouped_networks(Runs(args.device), args, lambda run: [run.deployed])
     first = chosen[0][1]
-    if len({run.args["dataset"] for _, run, _, _ in chosen}) > 1:
+    if len({run.args["dataset"] for _, run, *_ in chosen}) > 1:
         fail("corruption compares runs trained on one dataset; these used "
-             + ", ".join(sorted({run.args["dataset"] for _, run, _, _ in chosen})))
+             + ", ".join(sorted({run.args["dataset"] for _, run, *_ in chosen})))
     data = load_data(first, args)
+    for _, run, *_ in chosen:
+        fitting(run, data)
     predict = lambda images: {index: final_logits(entry[3](images)) for index, entry in enumerate(chosen)}  # noqa: E731
     accuracy = {}  # (corruption, severity) -> [top-1 of each chosen network]
     try:
@@ -909,10 +929,8 @@ def corruption_command(args):
             **{(corruption, str(severity)): values for (corruption, severity), values in accuracy.items()},
             **{(corruption, "mean"): values for corruption, values in per_corruption.items()},
             ("average", "mean"): np.mean(list(per_corruption.values()), 0)}
-    table = Table()
-    for row, values in rows.items():
-        for (column, *_), value in zip(chosen, values):
-            table.add(row, column, float(value))
+    columns = [column for column, *_ in chosen]
+    table = Table.of(columns, rows)
     missing, extra = sorted(set(CORRUPTIONS) - set(corruptions)), sorted(set(corruptions) - set(CORRUPTIONS))
     if missing or extra:
         print(f"note: the average is over the {len(corruptions)} corruptions found; the papers average the "
@@ -920,11 +938,10 @@ def corruption_command(args):
               + (f"; not among them: {', '.join(extra)}" if extra else ""))
     summary = table.restricted([("clean", "-"), *((corruption, "mean") for corruption in corruptions),
                                 ("average", "mean")])
-    by_severity = Table()  # accuracy against severity (0: clean), averaged over the corruptions run by run
-    for severity in [0, *severities]:
-        for column, value in zip((entry[0] for entry in chosen), rows[("clean", "-")] if severity == 0 else
-                                 np.mean([accuracy[corruption, severity] for corruption in corruptions], 0)):
-            by_severity.add(severity, column, float(value))
+    # accuracy against severity (0: the clean images), averaged over the corruptions run by run
+    mean_over_corruptions = {severity: np.mean([accuracy[corruption, severity] for corruption in corruptions], 0)
+                             for severity in severities}
+    by_severity = Table.of(columns, {0: rows[("clean", "-")], **mean_over_corruptions})
 
     def draw(plt):
         figure, (bars, curve) = new_figure(plt, 13, 4.2, ncols=2, width_ratios=[max(2.0, len(summary.rows) / 5), 1])
@@ -949,30 +966,34 @@ def ensemble_command(args):
     not averaged), mean ± std over the runs of one configuration. --across-runs: one network of each
     argument (a run, or a folder of seeds paired by seed), the ensemble of them."""
     runs = Runs(args.device)
-    ensembles = []  # (column, {name: averaged network}, {name: network reported beside})
+    ensembles = []  # (column, {name: averaged network}, {name: network reported beside}, the runs)
     if args.across_runs:
         if len(args.runs) < 2:
             fail("--across-runs ensembles the networks of several runs: give two or more runs (or folders of seeds)")
         for members in pair_runs([runs.side([path]) for path in args.runs]):
             averaged = {f"{describe([path])}:{name}": network for path, run in zip(args.runs, members)
                         for name, network in select_networks(run, args.networks, [run.deployed]).items()}
-            ensembles.append(("across runs", averaged, {}))
-        first, names = members[0], [f"{describe([path])} (n={len(ensembles)})" for path in args.runs]
+            ensembles.append(("across runs", averaged, {}, members))
+        names = [f"{describe([path])} (n={len(ensembles)})" for path in args.runs]
     else:
         groups = runs.grouped(args.runs)
         for label, members in groups:
             for run in members:
                 beside = {} if args.networks else {name: run.networks[name] for name in run.networks
                                                    if name not in run.backbones}
-                ensembles.append((label, select_networks(run, args.networks, run.backbones), beside))
-        first, names = groups[0][1][0], group_names(groups)
+                ensembles.append((label, select_networks(run, args.networks, run.backbones), beside, [run]))
+        names = group_names(groups)
+    first = ensembles[0][3][0]
     table = Table()
-    for column, averaged, beside in ensembles:
+    for column, averaged, beside, members in ensembles:
         def predict(images):
             logits = logits_of({**averaged, **beside})(images)
             return {**logits, "ensemble": torch.stack([logits[name] for name in averaged]).mean(0)}
 
-        for name, metrics in evaluate(predict, load_data(first, args).test).items():
+        data = load_data(members[0], args)  # an ensemble across runs is scored on its first run's data
+        for run in members[1:]:
+            fitting(run, data)
+        for name, metrics in evaluate(predict, data.test).items():
             table.add((name, "top-1 (%)"), column, 100 * metrics["top1"])
             table.add((name, "NLL"), column, metrics["nll"])
     table = table.restricted(sorted(table.rows, key=lambda row: row[0] == "ensemble"))  # the members, then the ensemble
@@ -998,10 +1019,9 @@ def noise_command(args):
     draws; a flatter minimum shows a smaller increase. Mean ± std over the runs of one configuration (a
     configuration of one run: over its draws)."""
     chosen, groups = grouped_networks(Runs(args.device), args, lambda run: [run.deployed])
-    sizes = {f"{label}: {name}": len(members) for label, members in groups for _, _, name, _ in chosen}
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     table, clean_nll = Table(), Table()
-    for column, run, name, network in chosen:
+    for column, run, name, network, group_size in chosen:
         data = load_data(run, args)
 
         def training_nll(candidate):
@@ -1019,7 +1039,7 @@ def noise_command(args):
                         noise = torch.randn(parameter.shape, generator=generator, device=parameter.device)
                         parameter.add_(noise, alpha=sigma)
                 changes.append(training_nll(noisy) - clean)
-            for change in changes if sizes.get(column) == 1 else [statistics.fmean(changes)]:
+            for change in changes if group_size == 1 else [statistics.fmean(changes)]:
                 table.add(sigma, column, change)
     print("training NLL change, mean ± std over the runs of a configuration (one run: over its noise draws); "
           "clean training NLL (nats): " + ", ".join(f"{column} {cell_text(values, 4)}"
