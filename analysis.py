@@ -892,10 +892,16 @@ def probes_command(args):
            printed=table.printed(["probe at"], 2))
 
 
+def channel_stats(data, device):
+    """The dataset's per-channel mean and std as [1, C, 1, 1] tensors on the device."""
+    return [torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (data.mean, data.std)]
+
+
 def uint8_batches(images, labels, data, batch_size, device):
     """Batches of CPU uint8 images, moved to the device and normalised by the run's dataset mean/std."""
+    mean, std = channel_stats(data, device)
     for batch_images, batch_labels in zip(images.split(batch_size), labels.split(batch_size)):
-        yield normalize(batch_images.to(device), data.test.mean, data.test.std), batch_labels.to(device)
+        yield normalize(batch_images.to(device), mean, std), batch_labels.to(device)
 
 
 def corruption_command(args):
@@ -1362,7 +1368,8 @@ def gradcam_command(args):
         rows += [[index, data.class_names[label], name, data.class_names[guess], confidence]
                  for index, (label, guess, confidence) in enumerate(zip(labels.tolist(), predicted.tolist(),
                                                                         probability.tolist()))]
-    pictures = (images * data.test.std + data.test.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    mean, std = channel_stats(data, images.device)
+    pictures = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def draw(plt):
         figure, axes = new_figure(plt, 1.5 * len(pictures) + 1, 1.7 * (1 + len(networks)) + 0.6,
