@@ -269,14 +269,14 @@ def describe(paths):
     return paths[0].name if len(paths) == 1 else Path(os.path.commonpath(paths)).name
 
 
-def pair_runs(sides):
+def pair_runs(sides, by="seed"):
     """Tuples of runs, one from each side (a side: its runs as (run, seed)), compared or combined: one tuple
-    when every side is one run; by seed when every side holds the same distinct seeds; else in the order
-    given when the sides are equally long."""
+    when every side is one run; by seed when every side holds the same distinct seeds (unless by="order");
+    else in the order given when the sides are equally long."""
     if all(len(side) == 1 for side in sides):
         return [tuple(side[0][0] for side in sides)]
     seeds = [[seed for _, seed in side] for side in sides]
-    if all(len(set(side)) == len(side) and set(side) == set(seeds[0]) for side in seeds):
+    if by == "seed" and all(len(set(side)) == len(side) and set(side) == set(seeds[0]) for side in seeds):
         by_seed = [dict((seed, run) for run, seed in side) for side in sides]
         return [tuple(side[seed] for side in by_seed) for seed in sorted(seeds[0])]
     if len({len(side) for side in sides}) == 1:
@@ -668,7 +668,7 @@ def report(base, header, rows, draw, printed=None):
 def titled(figure, title, names=()):
     """The figure's title: the analysis and the runs, wrapped to its width."""
     text = title + (": " + "; ".join(names) if names else "")
-    figure.suptitle("\n".join(textwrap.wrap(text, 90)), fontsize=10)
+    figure.suptitle("\n".join(textwrap.wrap(text, 100)), fontsize=10)
 
 
 def legend_outside(axis):
@@ -686,10 +686,11 @@ def named_ticks(axis, names):
 def plot_table(axis, table, xlabel, ylabel, numeric_x=False, band=False):
     """One line per column of `table` over its rows, the mean with error bars (or a band) of ± std over
     runs; named rows (blocks, corruptions) at evenly spaced positions."""
-    rows = table.rows
-    for column in table.columns:
+    rows, columns = table.rows, table.columns
+    for index, column in enumerate(columns):
         present, means, stds = table.series(column)
-        xs = present if numeric_x else [rows.index(row) for row in present]
+        dodge = 0 if numeric_x or band else 0.25 * (index - (len(columns) - 1) / 2) / max(1, len(columns) - 1)
+        xs = present if numeric_x else [rows.index(row) + dodge for row in present]  # error bars side by side
         if band:
             line, = axis.plot(xs, means, marker="o", markersize=3, label=column)
             axis.fill_between(xs, np.subtract(means, stds), np.add(means, stds), color=line.get_color(), alpha=0.2,
@@ -726,8 +727,8 @@ def group_names(groups):
 
 # ==== the analyses ====
 class ComparisonOption(argparse.Action):
-    """cka's --runs-a opens a comparison; --runs-b, --networks and --label after it belong to that
-    comparison (given before any --runs-a: to the one of the positional runs)."""
+    """cka's --runs-a opens a comparison; --runs-b, --networks, --label and --pair-by after it belong to
+    that comparison (given before any --runs-a: to the one of the positional runs)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         comparisons = namespace.comparisons = list(namespace.comparisons or [])
@@ -755,7 +756,7 @@ def cka_comparisons(args, runs):
         if names is not None and len(names) != 2:
             fail(f"--networks takes two names (one per side), got {comparison['networks']!r}")
         pairs = []
-        for run_a, run_b in pair_runs([runs.side(paths_a), runs.side(paths_b)]):
+        for run_a, run_b in pair_runs([runs.side(paths_a), runs.side(paths_b)], comparison.get("pair_by", "seed")):
             if names:
                 name_a, name_b = names
             elif run_a is run_b:
@@ -1565,6 +1566,9 @@ def parse_args(argv=None):
                                  "of a run compared with itself, else each run's deployed one)")
     comparison.add_argument("--label", action=ComparisonOption,
                             help="the comparison's column title, e.g. 'Base vs Twin'")
+    comparison.add_argument("--pair-by", choices=["seed", "order"], action=ComparisonOption,
+                            help="pair side A's runs with side B's by seed (default) or in the order given (e.g. "
+                                 "networks of different seeds: seed 0 with 1, 1 with 0)")
     cka.add_argument("--level", choices=["block", "stage"], default="block",
                      help="CKA at the end of every residual block (TNA Table 5, default) or of every stage")
     cka.add_argument("--passes", type=int, default=1,

@@ -187,6 +187,7 @@ def test_runs_differing_only_in_seed_form_one_group():
 def test_runs_are_paired_by_seed_else_in_order():
     assert pair_runs([[("a1", 1), ("a0", 0)], [("b0", 0), ("b1", 1)]]) == [("a0", "b0"), ("a1", "b1")]
     assert pair_runs([[("a", 0), ("b", 1)], [("c", 5), ("d", 6)]]) == [("a", "c"), ("b", "d")]
+    assert pair_runs([[("a0", 0), ("a1", 1)], [("b1", 1), ("b0", 0)]], by="order") == [("a0", "b1"), ("a1", "b0")]
     with pytest.raises(SystemExit, match="cannot pair the runs"):
         pair_runs([[("a", 0), ("b", 1)], [("c", 5)]])
 
