@@ -611,6 +611,11 @@ def output_base(args, run_dir, *parts):
     return Path(run_dir) / f"analysis_{args.command}__{slug(parts)}"
 
 
+def named(base, extension):
+    """base + extension (a name such as 'tna alpha=0.005' has a dot that is not an extension)."""
+    return base.with_name(base.name + extension)
+
+
 def announce(path, existed):
     print(f"-> {path}" + (" (replaced the earlier file of that name)" if existed else ""))
 
@@ -647,7 +652,7 @@ def report(base, header, rows, draw, printed=None):
     """Print the table (or `printed` = (header, rows), e.g. a grid of mean ± std), write base.csv and,
     with matplotlib, draw(plt) -> figure into base.png."""
     print_table(*(printed or (header, rows)))
-    csv_path, png_path = base.with_suffix(".csv"), base.with_suffix(".png")
+    csv_path, png_path = named(base, ".csv"), named(base, ".png")
     existed = csv_path.exists()
     with open(csv_path, "w", newline="") as file:
         writer = csv.writer(file)
@@ -1396,10 +1401,10 @@ def gradcam_command(args):
 
     base = output_base(args, run.directory, *networks)
     report(base, ["image", "true_class", "network", "predicted_class", "probability"], rows, draw)
-    existed = base.with_suffix(".npz").exists()
-    np.savez(base.with_suffix(".npz"), images=pictures, labels=labels.cpu().numpy(),
+    existed = named(base, ".npz").exists()
+    np.savez(named(base, ".npz"), images=pictures, labels=labels.cpu().numpy(),
              **{f"gradcam_{name}": heatmaps.cpu().numpy() for name, heatmaps in maps.items()})
-    announce(base.with_suffix(".npz"), existed)
+    announce(named(base, ".npz"), existed)
 
 
 def flatten_numbers(record, prefix=""):

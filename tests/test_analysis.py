@@ -532,6 +532,8 @@ def test_outputs_are_named_by_what_they_compare_and_never_silently_replaced(runs
     assert again[".csv"] == first[".csv"] and "(replaced the earlier file of that name)" in stdout
     _, chosen, _ = analyse("diversity", run, "--out", tmp_path / "mine.csv")
     assert chosen[".csv"] == tmp_path / "mine.csv" and chosen[".png"] == tmp_path / "mine.png"
+    _, dotted, _ = analyse("cka", run, "--networks", "base,twin", "--label", "alpha=0.005 vs 0.0")
+    assert dotted[".csv"].name == "analysis_cka__block__alpha=0.005-vs-0.0.csv"  # a dot in a name is no extension
 
 
 def test_embed_uses_tsne_when_installed_and_says_so_else_pca(runs, monkeypatch):
