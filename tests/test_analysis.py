@@ -13,9 +13,28 @@ import pytest
 import torch
 
 import analysis
-from analysis import (MinibatchCKA, branch_outputs, budgeted_batch_curve, exit_thresholds, gram, group_by_configuration,
-                      layer_taps, linear_cka, main, pair_runs, shuffled_batches, train_probe, unbiased_hsic)
-from conftest import CIFAR10_SMALL, TINY_RUN, require_cifar10_small, run_script
+from analysis import (
+    MinibatchCKA,
+    branch_outputs,
+    budgeted_batch_curve,
+    exit_thresholds,
+    gram,
+    group_by_configuration,
+    layer_taps,
+    linear_cka,
+    main,
+    pair_runs,
+    shuffled_batches,
+    train_probe,
+    unbiased_hsic,
+)
+from conftest import TINY_RUN, run_script
+
+try:  # the CIFAR-10 sample shipped in samples/, or (before it) the small set in ../shared/data
+    from conftest import CIFAR10_SAMPLE as CIFAR10_SMALL
+    from conftest import require_cifar10_sample as require_cifar10_small
+except ImportError:
+    from conftest import CIFAR10_SMALL, require_cifar10_small
 from data import corruption_sets
 from models import build_model
 
@@ -243,6 +262,7 @@ def test_rows_in_order_reads_every_training_image_unaugmented_in_the_order_asked
     """Training NLL and probe features need every training image once, unaugmented, the last batch kept;
     minibatch CKA and hold-out rows need rows in a given order. Both loader kinds, through data.py."""
     from PIL import Image
+
     from data import build_data, rows_in_order
     data = build_data("fake", batch_size=100, subset=250, augment="standard")  # the training loader augments
     images, labels = map(torch.cat, zip(*rows_in_order(data.train, 100)))
