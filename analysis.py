@@ -7,21 +7,21 @@ folder, named by what it compares: `analysis_<subcommand>__<what>.{csv,png}`, or
 A file that is already there is replaced, and the output says so.
 
     subcommand              what it computes                                           reproduces
-    cka                     linear CKA between two networks, per residual block (or   TNA Table 5
+    cka                     linear CKA between two networks, per residual block (or    TNA Table 5
                             stage) and at the logits, mean ± std over pairs of runs
     probes RUN...           linear probes on every frozen, average-pooled block        TNA Fig. 2 (appendix A.3)
     corruption RUN...       accuracy per corruption and severity (CIFAR-10/100-C,
                             Tiny-ImageNet-C)                                           TNA Table 6
     ensemble RUN...         accuracy of logit-averaged networks (of each run, or
                             across runs with --across-runs)                            TNA Table 3
-    noise RUN...            change of training NLL under Gaussian weight noise        SiLa Fig. 7b, AMLN Fig. 3c
+    noise RUN...            change of training NLL under Gaussian weight noise         SiLa Fig. 7b, AMLN Fig. 3c
     diversity RUN           mean pairwise Euclidean distance of the softmax outputs
                             of networks, branches (CSS) or exits (MSDNet)              CSS Fig. 3
-    msdnet RUN              anytime accuracy per exit vs MACs; budgeted batch curve   SiLa Fig. 4-5 (MSDNet's protocol)
+    msdnet RUN              anytime accuracy per exit vs MACs; budgeted batch curve    SiLa Fig. 4-5 (MSDNet's protocol)
     embed RUN               2-D t-SNE (scikit-learn) or PCA of the penultimate
-                            features, by class, CSS branches marked                   SiLa Fig. 6, CSS Fig. 2
-    gradcam RUN             Grad-CAM of the last stage on a few test images           AMLN Fig. 4
-    curves RUN_OR_DIR...    training curves from metrics.jsonl, seeds as bands        TNA Fig. 3, SiLa Fig. 3, 7a,
+                            features, by class, CSS branches marked                    SiLa Fig. 6, CSS Fig. 2
+    gradcam RUN             Grad-CAM of the last stage on a few test images            AMLN Fig. 4
+    curves RUN_OR_DIR...    training curves from metrics.jsonl, seeds as bands         TNA Fig. 3, SiLa Fig. 3, 7a,
                                                                                        AMLN Fig. 3a-b, CSS Fig. 3
 
 Runs of one configuration: wherever a subcommand takes several runs (RUN...), a folder holding run
@@ -397,6 +397,17 @@ def select_networks(run, requested, default):
         if name not in run.networks:
             fail(f"no network {name!r} in {run.directory}; available: {', '.join(run.networks)}")
     return {name: run.networks[name] for name in names}
+
+
+def one_run(args, default=lambda run: run.backbones):
+    """(run, its chosen networks, its data) for the subcommands that look at one run; the networks are
+    --networks or default(run), the image networks of the run unless said otherwise."""
+    run = load_run(args.run, args.device)
+    return run, select_networks(run, args.networks, default(run)), load_data(run, args)
+
+
+def networks_of_run(run, networks):
+    return f"{run.directory.name}: {', '.join(networks)}"
 
 
 def resolve_subset(run, args):
@@ -1105,8 +1116,7 @@ def diversity_command(args):
     """CSS Fig. 3: mean over test images of ||softmax_a - softmax_b||_2 for pairs of outputs: between the
     networks' final predictions, between the branches (or exits) of one network, and between the
     branches of different networks, corresponding ones (CSS's mutual diversity) and all pairs."""
-    run = load_run(args.run, args.device)
-    networks = select_networks(run, args.networks, run.backbones)
+    run, networks, data = one_run(args)
 
     def softmax_outputs(images, labels):
         outputs = {}
@@ -1117,7 +1127,7 @@ def diversity_command(args):
                 outputs.update({(name, j + 1): F.softmax(logits.float(), 1) for j, logits in enumerate(branches)})
         return outputs
 
-    probs = concatenate_batches(load_data(run, args).test, softmax_outputs)
+    probs = concatenate_batches(data.test, softmax_outputs)
     rows, distances = [], {}
     for key_a, key_b in itertools.combinations(probs, 2):
         kinds = diversity_kinds(key_a, key_b)
@@ -1140,7 +1150,7 @@ def diversity_command(args):
         axis.tick_params(axis="x", labelrotation=20)
         axis.set(ylabel="mean Euclidean distance of softmax\n(bar: mean; dots: pairs of outputs)")
         axis.grid(axis="y", alpha=0.3)
-        titled(figure, "Diversity (CSS Fig. 3)", [f"{run.directory.name}: {', '.join(networks)}"])
+        titled(figure, "Diversity (CSS Fig. 3)", [networks_of_run(run, networks)])
         return figure
 
     report(output_base(args, run.directory, *networks), ["output_a", "output_b", "kind", "distance"], rows, draw)
@@ -1151,13 +1161,11 @@ def msdnet_command(args):
     budgeted batch classification = budgeted_batch_curve with thresholds fitted on the run's hold-out
     (trained with --holdout N: data.holdout, <run>/holdout.json), as MSDNet holds 5,000 training images
     out; --fit-on train fits them on the last --val-size training images, which the network has seen."""
-    run = load_run(args.run, args.device)
-    exits = [name for name, network in run.networks.items() if hasattr(network, "exit_macs")]
-    networks = select_networks(run, args.networks, exits)
+    run, networks, data = one_run(args, lambda run: [name for name in run.networks
+                                                     if hasattr(run.networks[name], "exit_macs")])
     if not networks or not all(hasattr(network, "exit_macs") for network in networks.values()):
         fail(f"msdnet needs MSDNet networks (multi-exit, with exit_macs); {run.directory} has "
              + ", ".join(f"{name} ({type(network).__name__})" for name, network in run.networks.items()))
-    data = load_data(run, args)
     if args.fit_on == "holdout":
         saved = run.directory / "holdout.json"
         if not saved.is_file() or getattr(data, "holdout", None) is None:
@@ -1206,7 +1214,7 @@ def msdnet_command(args):
         legend_outside(axes[1])
         fitted = "the run's hold-out" if args.fit_on == "holdout" else f"{args.val_size} training images"
         titled(figure, f"MSDNet exits (thresholds fitted on {fitted})",
-               [f"{run.directory.name}: {', '.join(networks)}"])
+               [networks_of_run(run, networks)])
         return figure
 
     report(output_base(args, run.directory, args.fit_on, *networks),
@@ -1267,9 +1275,7 @@ def embed_command(args):
     when scikit-learn is installed (optional), else by PCA (--projection chooses); the figure says which.
     PCA shows a 2-D feature layer (SiLa's MNIST net) as it is, up to a rotation."""
     method = projection_method(args.projection)
-    run = load_run(args.run, args.device)
-    networks = select_networks(run, args.networks, run.backbones)
-    data = load_data(run, args)
+    run, networks, data = one_run(args)
     features_of = {}
     def keep(key):
         def hook(module, inputs):
@@ -1328,7 +1334,7 @@ def embed_command(args):
         if handles:
             axes[0][-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=7)
         titled(figure, "Penultimate features by class (SiLa Fig. 6, CSS Fig. 2)",
-               [f"{run.directory.name}: {', '.join(networks)}"])
+               [networks_of_run(run, networks)])
         return figure
 
     report(output_base(args, run.directory, method, *networks),
@@ -1361,11 +1367,9 @@ def grad_cam(network, images):
 def gradcam_command(args):
     """AMLN Fig. 4: Grad-CAM heatmaps of the first --images test images for every network, with the
     predicted class and its probability; the maps are also saved beside the CSV as .npz."""
-    run = load_run(args.run, args.device)
-    networks = select_networks(run, args.networks, run.backbones)
+    run, networks, data = one_run(args)
     for name, network in networks.items():
         stage_modules(name, network)  # a network without stages (FDL's head) has no feature map to explain
-    data = load_data(run, args)
     count = min(args.images, loader_size(data.test))
     images, labels = next(rows_in_order(data.test, count, range(count)))
     rows, maps = [], {}
@@ -1396,7 +1400,7 @@ def gradcam_command(args):
         axes[0][0].set_ylabel("image\n(true class)", fontsize=7)
         for row_index, name in enumerate(networks, start=1):
             axes[row_index][0].set_ylabel(f"{name}\n(predicted, p)", fontsize=7)
-        titled(figure, "Grad-CAM of the last stage (AMLN Fig. 4)", [f"{run.directory.name}: {', '.join(networks)}"])
+        titled(figure, "Grad-CAM of the last stage (AMLN Fig. 4)", [networks_of_run(run, networks)])
         return figure
 
     base = output_base(args, run.directory, *networks)
