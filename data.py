@@ -899,3 +899,154 @@ def build_data(name: str, data_dir: str = "./data", batch_size: int = 128, devic
             return _build_device_data(_load_small_folder(root, train_folder, test_folder), **options)
         return _build_folder_data(train_folder, test_folder, num_workers=num_workers, **options)
     return _build_device_data(_load_arrays(name, data_dir), **options)
+
+
+# ----------------------------------------------------------------------------- readers for analysis.py
+# The analyses of trained runs read images in an order they choose (file order, a seeded shuffle, a
+# hold-out's rows) and the corruption benchmarks; they use these readers, never a loader's attributes.
+CORRUPTION_SEVERITIES = 5  # CIFAR-10-C / CIFAR-100-C / Tiny-ImageNet-C (Hendrycks & Dietterich 2019)
+CORRUPTIONS = ("brightness", "contrast", "defocus_blur", "elastic_transform", "fog", "frost", "gaussian_noise",
+               "glass_blur", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "shot_noise", "snow",
+               "zoom_blur")  # the 15 benchmark corruptions whose mean the papers report (TNA Table 6)
+
+
+def rows_in_order(loader, batch_size: int,
+                  rows: Optional[Sequence[int]] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A loader's images, unaugmented and none dropped, as normalised (images, labels) batches on its
+    device: all of them in file order, or `rows` (positions in the loader's images) in the order given.
+    Unlike iterating a training loader, this neither shuffles, augments nor drops the last batch, as
+    the analyses need (training NLL, probe features, a seeded shuffle of the test set). A folder
+    dataset is read through its own transform, which is the deterministic test one when it was built
+    with augment="none"."""
+    if isinstance(loader, DeviceLoader):
+        rows = torch.arange(len(loader.images)) if rows is None else torch.as_tensor(rows)
+        for batch_rows in rows.to(loader.images.device).split(batch_size):
+            yield normalize(loader.images[batch_rows], loader.mean, loader.std), loader.labels[batch_rows]
+        return
+    dataset = loader.dataset
+    if rows is not None:
+        dataset = torch.utils.data.Subset(dataset, torch.as_tensor(rows).tolist())
+    for images, labels in torch.utils.data.DataLoader(dataset, batch_size, num_workers=loader.loader.num_workers):
+        yield normalize(images.to(loader.device), loader.mean, loader.std), labels.to(loader.device)
+
+
+def loader_size(loader) -> int:
+    """How many images a loader reads from (before any shuffling or dropping)."""
+    return len(loader.images) if isinstance(loader, DeviceLoader) else len(loader.dataset)
+
+
+def corruption_sets(folder, subset: Optional[int] = None, num_classes: Optional[int] = None):
+    """The sets of a corruption benchmark, checked before any is read; returns an iterator of
+    (corruption, severity, uint8 images [n, 3, H, W] on the CPU, int64 labels).
+
+    CIFAR-10-C / CIFAR-100-C: <corruption>.npy (5 severities x N images, NHWC uint8, stacked) and
+    labels.npy (N labels, or 5N as distributed). Tiny-ImageNet-C: <corruption>/<1..5>/<wnid>/*.JPEG,
+    labels by sorted wnid as data.py numbers Tiny ImageNet. `subset` keeps the first N images of each
+    set (CIFAR) or evenly spaced ones (class folders); `num_classes` (the run's) is checked against
+    the labels. A fault (no such layout, a partial download, labels that do not fit) raises
+    FileNotFoundError or ValueError naming the file and what was expected."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder (expected a CIFAR-10-C / CIFAR-100-C or "
+                                f"Tiny-ImageNet-C folder)")
+    arrays = sorted(path for path in folder.glob("*.npy") if path.name != "labels.npy")
+    if arrays or (folder / "labels.npy").exists():
+        return _cifar_c_sets(folder, arrays, subset, num_classes)
+    corruptions = sorted(path for path in folder.iterdir() if path.is_dir())
+    if not corruptions:
+        raise FileNotFoundError(f"{folder} holds neither <corruption>.npy with labels.npy (CIFAR-10-C / CIFAR-100-C) "
+                                f"nor <corruption>/<severity>/<wnid>/*.JPEG folders (Tiny-ImageNet-C)")
+    return _tinyimagenet_c_sets(corruptions, subset, num_classes)
+
+
+def _checked_label_range(labels: np.ndarray, num_classes: Optional[int], where) -> None:
+    if num_classes is not None and len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise ValueError(f"{where}: labels span {labels.min()}..{labels.max()}, expected 0..{num_classes - 1} "
+                         f"(the run's {num_classes} classes)")
+
+
+def _cifar_c_sets(folder: Path, arrays: list, subset, num_classes):
+    labels_path = folder / "labels.npy"
+    if not labels_path.exists():
+        raise FileNotFoundError(f"no labels.npy in {folder} (CIFAR-10-C / CIFAR-100-C folders hold <corruption>.npy "
+                                f"and labels.npy)")
+    if not arrays:
+        raise FileNotFoundError(f"{folder} holds labels.npy but no <corruption>.npy (e.g. fog.npy: "
+                                f"{CORRUPTION_SEVERITIES} severities x N images)")
+
+    def read(path, **options):
+        try:
+            return np.load(path, **options)
+        except (ValueError, OSError, EOFError) as error:  # not a .npy file, or a truncated one
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{path} is not a readable .npy array ({reason}): a partial download?") from None
+
+    labels = read(labels_path)
+    images = {path: read(path, mmap_mode="r") for path in arrays}
+    per_severity = {}
+    for path, stack in images.items():
+        if stack.dtype != np.uint8 or stack.ndim != 4 or stack.shape[-1] != 3 or len(stack) % CORRUPTION_SEVERITIES:
+            raise ValueError(f"{path}: expected uint8 images {CORRUPTION_SEVERITIES} severities x N x H x W x 3, got "
+                             f"{stack.dtype} of shape {stack.shape}")
+        per_severity[path] = len(stack) // CORRUPTION_SEVERITIES
+    sizes = set(per_severity.values())
+    if len(sizes) > 1:
+        counts = ", ".join(f"{path.name} {n}" for path, n in per_severity.items())
+        raise ValueError(f"{folder}: the corruptions hold different numbers of images per severity ({counts}): "
+                         f"a partial download?")
+    count = sizes.pop()
+    if labels.ndim != 1 or len(labels) not in (count, CORRUPTION_SEVERITIES * count):
+        raise ValueError(f"{labels_path} holds {labels.shape} labels; the images need {count} (one per image) or "
+                         f"{CORRUPTION_SEVERITIES * count} (one per image and severity, as distributed)")
+    _checked_label_range(labels, num_classes, labels_path)
+    rows = subset_rows(count, subset, grouped_by_class=False).numpy()
+
+    def sets():
+        for path, stack in images.items():
+            for severity in range(CORRUPTION_SEVERITIES):
+                block = slice(severity * count, (severity + 1) * count)
+                severity_labels = labels[block] if len(labels) > count else labels
+                nchw = torch.from_numpy(np.ascontiguousarray(stack[block][rows])).permute(0, 3, 1, 2)
+                yield path.stem, severity + 1, nchw, torch.as_tensor(severity_labels[rows], dtype=torch.int64)
+
+    return sets()
+
+
+def _tinyimagenet_c_sets(corruptions: list, subset, num_classes):
+    severities = [str(severity) for severity in range(1, CORRUPTION_SEVERITIES + 1)]
+    layout, reference = {}, None
+    for corruption in corruptions:
+        missing = [severity for severity in severities if not (corruption / severity).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{corruption} lacks severity folder(s) {', '.join(missing)}: Tiny-ImageNet-C "
+                                    f"holds <corruption>/1..{CORRUPTION_SEVERITIES}/<wnid>/*.JPEG (partial?)")
+        for severity in severities:
+            where = corruption / severity
+            wnids = sorted(path.name for path in where.iterdir() if path.is_dir())
+            images = [sorted((where / wnid).glob("*.JPEG")) for wnid in wnids]
+            empty = [wnid for wnid, paths in zip(wnids, images) if not paths]
+            if not wnids or empty:
+                fault = f"empty class folders ({', '.join(empty[:3])})" if wnids else "no class folders"
+                raise FileNotFoundError(f"{where} has {fault}: expected <wnid>/*.JPEG for every class "
+                                        f"(a partial download?)")
+            files = [(path, label) for label, paths in enumerate(images) for path in paths]
+            if reference is None:
+                reference = (where, wnids)
+            elif wnids != reference[1]:
+                raise ValueError(f"{where} has {len(wnids)} class folders, {reference[0]} has {len(reference[1])}: "
+                                 f"every severity of every corruption needs the same classes (a partial download?)")
+            layout[corruption.name, int(severity)] = files
+    if num_classes is not None and len(reference[1]) != num_classes:
+        raise ValueError(f"{reference[0]} has {len(reference[1])} class folders, the run has {num_classes} classes")
+
+    def read(path):
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+    def sets():
+        for (corruption, severity), files in layout.items():
+            files = [files[row] for row in subset_rows(len(files), subset, grouped_by_class=True)]
+            images = torch.stack([read(path) for path, _ in files])
+            yield corruption, severity, images, torch.tensor([label for _, label in files])
+
+    return sets()
