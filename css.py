@@ -701,17 +701,19 @@ def main(args):
         return outputs
 
     def branch_diversity(outputs, labels):
-        """Fig. 3: how often two branches' predictions (argmax) differ, averaged over the pairs of branches within
-        each network and over the pairs across the two networks; summed over the batch (evaluate averages it)."""
-        votes = {name: [outputs[f"{name}_branch{j + 1}"].argmax(1) for j in range(args.branches)] for name in networks}
+        """Fig. 3 (section 4.2): the Euclidean distance between two branches' softmax outputs, averaged over the
+        pairs of branches within each network and over the pairs across the two networks (the measure of
+        `analysis.py diversity`); summed over the batch (evaluate averages it)."""
+        probs = {name: [F.softmax(outputs[f"{name}_branch{j + 1}"].float(), 1) for j in range(args.branches)]
+                 for name in networks}
 
-        def disagreement(pairs):
-            return torch.stack([(a != b).double() for a, b in pairs]).mean(0).sum()
+        def distance(pairs):
+            return torch.stack([(a - b).norm(dim=1) for a, b in pairs]).mean(0).sum()
 
-        diversity = {f"diversity_{name}": disagreement([(v[i], v[j]) for i in range(len(v)) for j in range(i)])
-                     for name, v in votes.items() if len(v) > 1}
-        if len(votes) == 2:
-            diversity["diversity_between"] = disagreement([(a, b) for a in votes["net1"] for b in votes["net2"]])
+        diversity = {f"diversity_{name}": distance([(p[i], p[j]) for i in range(len(p)) for j in range(i)])
+                     for name, p in probs.items() if len(p) > 1}
+        if len(probs) == 2:
+            diversity["diversity_between"] = distance([(a, b) for a in probs["net1"] for b in probs["net2"]])
         return diversity
 
     predict.metrics = branch_diversity  # the scaffolding's evaluate() logs these with each evaluation

@@ -253,7 +253,7 @@ def test_holdout_keeps_its_images_out_of_training_and_names_them(tmp_path):
 
 
 def test_a_method_adds_its_own_metrics_to_each_evaluation_css_branch_diversity(tmp_path):
-    """css.py logs, through the scaffolding's hook, how often its branches disagree on the test set (Fig. 3);
+    """css.py logs, through the scaffolding's hook, how far apart its branches' softmax outputs are (Fig. 3);
     recomputed here from the saved networks. Other methods log nothing through it."""
     import argparse
     import itertools
@@ -274,11 +274,11 @@ def test_a_method_adds_its_own_metrics_to_each_evaluation_css_branch_diversity(t
         for name, net in networks.items():
             net.load_state_dict(checkpoint["networks"][name])
             branches = [net.eval()(images, return_branches=True) for images, _ in test]
-            votes[name] = [torch.cat([net.branch_prediction(b[j], j) for b in branches]).argmax(1)
+            votes[name] = [torch.cat([net.branch_prediction(b[j], j) for b in branches]).float().softmax(1)
                            for j in range(args.branches)]
 
-    def disagreement(pairs):
-        return sum((a != b).double().mean().item() for a, b in pairs) / len(pairs)
+    def disagreement(pairs):  # mean Euclidean distance between the softmax outputs, over images and pairs
+        return sum((a - b).norm(dim=1).mean().item() for a, b in pairs) / len(pairs)
 
     expected = {f"diversity_{name}": disagreement(list(itertools.combinations(v, 2))) for name, v in votes.items()}
     expected["diversity_between"] = disagreement(list(itertools.product(votes["net1"], votes["net2"])))
