@@ -528,8 +528,8 @@ def main(args):
     # ==== the method's training step and evaluation outputs ====
     def train_step(images, labels, epoch):
         """One DML step on a batch; returns the loss terms as tensors (logged per epoch)."""
-        losses, cross_entropies, kls = mutual_learning_step(train_nets, optimizers, images, labels, args, autocast, scaler,
-                                                            bare_students=networks)
+        losses, cross_entropies, kls = mutual_learning_step(train_nets, optimizers, images, labels, args, autocast,
+                                                            scaler, bare_students=networks)
         terms = {}
         for k, name in enumerate(networks):
             terms.update({f"ce_{name}": cross_entropies[k], f"kl_{name}": kls[k]})

@@ -128,8 +128,9 @@ def test_every_sub_step_forwards_all_networks_and_the_lrs_follow_the_authors(cif
     each joint batch 3 times (CE, similarity, FDL; the head runs the bases in eval mode) and each pretrain batch
     once. The FDL and head lrs default to the authors' values for a CIFAR ResNet on 10 classes."""
     out = tmp_path / "run"
-    result = run_script("fdl.py", *TINY_RUN, "--model", "resnet20", "--subset", "32", "--batch-size", "16", "--epochs", "2",
-                        "--pretrain-epochs", "1", "--num-nets", "3", "--dataset", cifar10_sample, "--out-dir", out)
+    result = run_script("fdl.py", *TINY_RUN, "--model", "resnet20", "--subset", "32", "--batch-size", "16",
+                        "--epochs", "2", "--pretrain-epochs", "1", "--num-nets", "3", "--dataset", cifar10_sample,
+                        "--out-dir", out)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     steps_per_epoch = checkpoint["schedulers"]["main"]["last_epoch"] // 2

@@ -329,13 +329,13 @@ def test_torchrun_two_processes_on_cpu(cifar10_sample, tmp_path):
 
 
 def test_training_learns(cifar10_sample, tmp_path):
-    """ConvNet, 3 epochs on 2,000 cifar10_sample images: chance is 10%; on the 1,000 test images its
-    standard error is about 1%, so 20% is 10 standard errors above chance, while this run reaches
-    about 30% (measured here; 3 epochs on all 5,000 images reach 31-34%)."""
-    result = run_script("tna.py", "--model", "convnet", "--dataset", cifar10_sample, "--subset", "2000", "--epochs", "3",
+    """ConvNet, 3 epochs on the 1,000 images of the shipped sample: chance is 10%; on its 200 test images the
+    standard error at chance is about 2%, so 18% is 4 standard errors above chance, while this run reaches
+    25.5-27% (measured with seeds 0 and 1)."""
+    result = run_script("tna.py", "--model", "convnet", "--dataset", cifar10_sample, "--epochs", "3",
                         "--batch-size", "32", "--lr", "0.05", "--amp", "off", "--out-dir", tmp_path / "learn")
     assert result.returncode == 0, result.stderr
-    assert read_summary(tmp_path / "learn")["deployed"]["top1"] > 0.20
+    assert read_summary(tmp_path / "learn")["deployed"]["top1"] > 0.18
 
 
 @pytest.mark.parametrize("args,message", [
