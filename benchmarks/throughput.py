@@ -52,14 +52,18 @@ METHOD_FLAGS = {"fdl": ["--pretrain-epochs", "0"]}  # measure FDL's full four su
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method scripts to measure")
     parser.add_argument("--models", default="convnet,resnet20", help="comma-separated backbones")
-    parser.add_argument("--dataset", default=str(DEFAULT_DATA), help="any dataset data.py accepts (in-memory ones measure the device loader)")
+    parser.add_argument("--dataset", default=str(DEFAULT_DATA),
+                        help="any dataset data.py accepts (in-memory ones measure the device loader)")
     parser.add_argument("--data-dir", default="./data", help="for named datasets")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch")
-    parser.add_argument("--steps", type=int, default=6, help="training steps per epoch (each epoch times steps - 1 of them)")
-    parser.add_argument("--repeats", type=int, default=3, help="measured epochs after one warm-up epoch (the median step is reported)")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="training steps per epoch (each epoch times steps - 1 of them)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measured epochs after one warm-up epoch (the median step is reported)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="precision of every measurement")
     parser.add_argument("--compile", action="store_true", help="also measure --compile (slow to compile on CPU)")
@@ -237,7 +241,9 @@ def run_method(job):
     with tempfile.TemporaryDirectory() as out_dir:
         profiler, sync_counter = None, SyncCounter(job["device"])
         if job.get("profile"):
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
             profiler = torch.profiler.profile(activities=activities)
             profiler.__enter__()
         with sync_counter:
@@ -248,7 +254,8 @@ def run_method(job):
             return {"top_ops": profiler.key_averages().table(sort_by=sort_key, row_limit=12)}
         step_seconds = statistics.median(timed[0].step_seconds())
         # (compiled graphs are not dispatched op by op, so they are not counted)
-        operations = None if "--compile" in job["flags"] else ops_per_step(lambda steps: train(1, steps, Path(out_dir) / f"ops{steps}"))
+        one_epoch = lambda steps: train(1, steps, Path(out_dir) / f"ops{steps}")
+        operations = None if "--compile" in job["flags"] else ops_per_step(one_epoch)
     return {"images_per_s": job["batch_size"] / step_seconds, "peak_memory_mb": peak_memory_mb(device),
             "ops_per_step": operations, "syncs_per_epoch": sync_counter.per_epoch(epochs)}
 
@@ -297,9 +304,10 @@ def run_floor(job):
         if device.type == "cuda":
             torch.cuda.synchronize()
         loader_rates.append(train_loader.num_samples / (time.perf_counter() - start))
+    one_epoch = lambda steps: train_epoch(loader(steps).train)
     return {"images_per_s": job["batch_size"] / statistics.median(train_loader.step_seconds()),
             "loader_images_per_s": median_after_warmup(loader_rates), "peak_memory_mb": peak_memory_mb(device),
-            "ops_per_step": None if "--compile" in job["flags"] else ops_per_step(lambda steps: train_epoch(loader(steps).train))}
+            "ops_per_step": None if "--compile" in job["flags"] else ops_per_step(one_epoch)}
 
 
 def run_dataloader_baseline(job):
@@ -329,7 +337,8 @@ def run_dataloader_baseline(job):
     for _ in range(job["repeats"] + 1):
         start = time.perf_counter()
         for batch_images, batch_labels in loader:  # delivered to the training device, as the device loader's are
-            batch_images, batch_labels = batch_images.to(device, non_blocking=True), batch_labels.to(device, non_blocking=True)
+            batch_images = batch_images.to(device, non_blocking=True)
+            batch_labels = batch_labels.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(len(loader) * job["batch_size"] / (time.perf_counter() - start))
@@ -341,7 +350,8 @@ WORKERS = {"method": run_method, "floor": run_floor, "dataloader": run_dataloade
 
 def measure(job):
     """Run one job in a fresh process (clean peak memory, no state shared between measurements)."""
-    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], cwd=REPO, capture_output=True, text=True)
+    command = [sys.executable, __file__, "--worker", json.dumps(job)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -356,7 +366,8 @@ def main():
     import torch
 
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    machine = f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, {os.cpu_count()} cores, torch {torch.__version__}"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    machine = f"{device_name}, {os.cpu_count()} cores, torch {torch.__version__}"
     base = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size, "steps": args.steps,
             "repeats": args.repeats, "device": device, "amp": args.amp, "flags": []}
     results = {"machine": machine, "settings": vars(args), "methods": [], "data": {}, "formats": []}
@@ -374,7 +385,8 @@ def main():
         for method in args.methods.split(","):
             runs[method] = measure({**base, "kind": "method", "method": method, "model": model})
             if method in args.profile.split(","):  # a run of its own: the profiler's overhead stays out of the timing
-                profiled = measure({**base, "kind": "method", "method": method, "model": model, "repeats": 1, "profile": True})
+                profiled = measure({**base, "kind": "method", "method": method, "model": model,
+                                    "repeats": 1, "profile": True})
                 runs[method]["top_ops"] = profiled.get("top_ops") or profiled.get("error")
         after = measure({**base, "kind": "floor", "model": model})
         floor = floors[model] = before if "error" in before or "error" in after else {
@@ -390,26 +402,31 @@ def main():
                 row["ratio"] = floor["images_per_s"] / (networks * run["images_per_s"])
                 row["ops_ratio"] = run["ops_per_step"] / (networks * floor["ops_per_step"])
                 target = TARGET_RATIO.get(method)
-                print(f"{method:6} {model:10} {run['images_per_s']:9.0f} {floor['images_per_s']:11.0f} {row['ratio']:6.2f} "
-                      f"{target or '-':>6} {run['ops_per_step']:9.0f} {row['ops_ratio']:9.2f} "
+                print(f"{method:6} {model:10} {run['images_per_s']:9.0f} {floor['images_per_s']:11.0f} "
+                      f"{row['ratio']:6.2f} {target or '-':>6} {run['ops_per_step']:9.0f} {row['ops_ratio']:9.2f} "
                       f"{run['peak_memory_mb']:8.0f} {floor['peak_memory_mb']:8.0f}")
             results["methods"].append(row)
         if "drift" in floor:
-            print(f"#  {model} floor drift over its methods' runs {100 * floor['drift']:+.1f}% (the noise of these ratios)")
+            print(f"#  {model} floor drift over its methods' runs {100 * floor['drift']:+.1f}% "
+                  "(the noise of these ratios)")
     if any(row.get("syncs_per_epoch") is not None for row in results["methods"]):
-        print(f"\n# host-device synchronisations per epoch of {args.steps} steps (CUDA sync debug mode), by calling line")
+        print(f"\n# host-device synchronisations per epoch of {args.steps} steps (CUDA sync debug mode), "
+              "by calling line")
         for row in results["methods"]:
-            lines = ", ".join(f"{where} x{count:g}" for where, count in (row.get("syncs_per_epoch") or {}).items()) or "none"
+            syncs = row.get("syncs_per_epoch") or {}
+            lines = ", ".join(f"{where} x{count:g}" for where, count in syncs.items()) or "none"
             print(f"{row['method']:6} {row['model']:10} {lines}")
     for row in results["methods"]:
         if row.get("top_ops"):
-            print(f"\n# where the time goes: {row['method']} / {row['model']} (torch.profiler, self time)\n{row['top_ops']}")
+            print(f"\n# where the time goes: {row['method']} / {row['model']} (torch.profiler, self time)\n"
+                  f"{row['top_ops']}")
 
     # ---- the data path ----
     if args.dataset.endswith(".npz"):
         loader = floors[args.models.split(",")[0]]
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        baselines = {workers: measure({**base, "kind": "dataloader", "workers": workers}) for workers in sorted({0, min(8, cpus)})}
+        worker_counts = sorted({0, min(8, cpus)})
+        baselines = {workers: measure({**base, "kind": "dataloader", "workers": workers}) for workers in worker_counts}
         measured = {workers: run["images_per_s"] for workers, run in baselines.items() if "error" not in run}
         if measured and "error" not in loader:
             fastest = max(measured, key=measured.get)  # the target holds against the DataLoader's best
@@ -419,16 +436,19 @@ def main():
                                "loader_share_of_step": loader["images_per_s"] / loader["loader_images_per_s"]}
             d = results["data"]
             dataloader = ", ".join(f"{rate:.0f} img/s with {workers} workers" for workers, rate in measured.items())
-            print(f"\n# data: device loader {d['device_loader_images_per_s']:.0f} img/s; torchvision DataLoader {dataloader}: "
-                  f"{d['speedup']:.1f}x its best (target >= 10x on CPU); "
-                  f"loader share of a {args.models.split(',')[0]} step {100 * d['loader_share_of_step']:.1f}% (target < 5%)")
+            print(f"\n# data: device loader {d['device_loader_images_per_s']:.0f} img/s; "
+                  f"torchvision DataLoader {dataloader}: {d['speedup']:.1f}x its best (target >= 10x on CPU); "
+                  f"loader share of a {args.models.split(',')[0]} step "
+                  f"{100 * d['loader_share_of_step']:.1f}% (target < 5%)")
         else:
-            print(f"\n# data: {next((run['error'] for run in baselines.values() if 'error' in run), loader.get('error'))}")
+            error = next((run["error"] for run in baselines.values() if "error" in run), loader.get("error"))
+            print(f"\n# data: {error}")
 
     # ---- memory format and compilation (TNA, first backbone) ----
     variants = [["--channels-last"]] + ([["--compile"]] if args.compile else [])
     model = args.models.split(",")[0]
-    reference = next((r for r in results["methods"] if r["method"] == "tna" and r["model"] == model and "ratio" in r), None)
+    reference = next((r for r in results["methods"]
+                      if r["method"] == "tna" and r["model"] == model and "ratio" in r), None)
     for flags in variants:
         run = measure({**base, "flags": flags, "kind": "method", "method": "tna", "model": model})
         if "error" in run or reference is None:
@@ -439,10 +459,12 @@ def main():
         print(f"# tna {model} {' '.join(flags)}: {run['images_per_s']:.0f} img/s, {speedup:.2f}x the default")
 
     # ---- the issue's targets, met or not, in one place ----
-    checks = {f"{row['method']} {row['model']} step <= {TARGET_RATIO[row['method']]:.2f}x floor": row["ratio"] <= TARGET_RATIO[row["method"]]
+    checks = {f"{row['method']} {row['model']} step <= {TARGET_RATIO[row['method']]:.2f}x floor":
+              row["ratio"] <= TARGET_RATIO[row["method"]]
               for row in results["methods"] if row["method"] in TARGET_RATIO and "ratio" in row}
     if results["data"]:
-        checks["device loader >= 10x the DataLoader" + (" (CPU target)" if device == "cuda" else "")] = results["data"]["speedup"] >= 10
+        speedup_check = "device loader >= 10x the DataLoader" + (" (CPU target)" if device == "cuda" else "")
+        checks[speedup_check] = results["data"]["speedup"] >= 10
         checks["device loader < 5% of a step"] = results["data"]["loader_share_of_step"] < 0.05
     results["targets"] = checks
     print("\n# targets: " + "; ".join(f"{name}: {'met' if met else 'MISSED'}" for name, met in checks.items()))
