@@ -402,7 +402,7 @@ def format_metrics(record):
 
 def main(args):
     # ==== setup: distributed, device, seed, precision (identical in every method file) ====
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    distributed = "LOCAL_RANK" in os.environ  # launched by torchrun (one process too: DDP and NCCL run)
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     is_main = rank == 0
     given = vars(args).pop("given", [])

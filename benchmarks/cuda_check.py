@@ -33,8 +33,8 @@ The checks, in order of importance (what does not fit `--budget-s` is skipped):
   line), CUBLAS_WORKSPACE_CONFIG=:4096:8 and cudnn.benchmark held off; its metrics must be equal, and its line
   gives the cost: the speed of the deterministic uninterrupted run against the default one.
 - torchrun: `python -m torch.distributed.run --standalone --nproc_per_node=N tna.py ...` with N = the number of GPUs
-  (2 processes on gloo with --device cpu). The scripts run undistributed when WORLD_SIZE is 1, so with one GPU this
-  checks the launcher only (its line says so); NCCL needs N >= 2.
+  (2 processes on gloo with --device cpu). A script started by torchrun runs distributed even as one process, so
+  one GPU exercises the process group, NCCL and DDP too.
 - throughput: benchmarks/throughput.py on the device with as many of convnet, resnet20 and resnet18 as fit the time
   left, its table printed as the benchmark prints it; --quick: one of its measurements (tests/test_benchmark.py runs
   the whole benchmark; here its floors and variants would add four processes).
@@ -577,8 +577,7 @@ class Checker:
         code, last, seconds, _ = self.subprocess_run(name, command, env)
         passed, detail = self.verify_run(out_dir, 2, code, last)
         backend = "nccl" if self.device == "cuda" else "gloo"
-        where = (f"{ranks} ranks ({backend})" if ranks > 1 else
-                 "1 rank: WORLD_SIZE 1 runs undistributed, so this checks the launcher only (NCCL needs 2 GPUs)")
+        where = f"{ranks} rank{'s' * (ranks > 1)} ({backend})"
         self.result("PASS" if passed else "FAIL", name, f"tna, {where}; {detail}", seconds, estimate)
 
     # ---- throughput ----
