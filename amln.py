@@ -22,7 +22,7 @@ of S_j's stage b; z_j: its logits):
 Algorithm 1, each iteration: compute f_1^b, p_1, rho_1; L_{S_1}; update S_1; compute f_2^b, p_2, rho_2; L_{S_2};
 update S_2. `amln_step` is one iteration in that order, each equation's number where it is computed.
 
-Paper vs code (printed -> here; why; the flag for the printed reading):
+Paper vs code: (printed -> here; why; the flag for the printed reading)
 - eq. 7 KL(rho_j || rho_{3-j}) -> KL(rho_{3-j} || rho_j), the direction of DML (Zhang et al., CVPR 2018): Table 6's
   case B (L_C + L_KL only) reports 70.98%, Table 2(b)'s DML number. Printed: `--kl-direction self_peer`.
 - eq. 1, linear in D's probability of the peer's id -> the log (cross-entropy) form of GANs on the network ids, for

@@ -30,7 +30,7 @@ Other rows, the flags added to that command:
       A 79.88 --single-network --branches 4 --no-joint-labels;  B 80.15 --single-network --branches 4
       C 80.97 --branches 2 --fixed-weights;  D 81.27 --branches 2
 
-Paper vs code (the paper says / the code does / why / the flag for the printed reading):
+Paper vs code: (the paper says / the code does / why / the flag for the printed reading)
 - Masks: "randomly discard" (section 3.1), "stochastically masks" (section 1) / a fixed region per branch, in
   training and at test / the authors' code; eq. 3-4 and the joint labels need each branch's mask known / none.
 - Mask size: "discard a quarter of the information in each channel" / an h/4 x w/4 square, 1/16 of the map /
