@@ -187,7 +187,7 @@ def test_report_on_fake_runs(tmp_path):
     assert "seed 0 unreadable (student1+student2.best" in report_csv("css-t1-resnet56-dml", "--out-dir", tmp_path)[
         "css-t1-resnet56-dml"]["unfinished"]
     markdown = reproduce_cli("report", "css-t1-*", "--out-dir", tmp_path).stdout
-    assert "| css-t1-se_resnet110 | net1+net2.top1 | 80.42 ± 0.13 | not yet run |" in markdown
+    assert "| css-t1-se_resnet110 | net1+net2.best | 80.42 ± 0.13 | not yet run |" in markdown
     assert f"{mean:.2f} ± {std:.2f} (n=3)" in markdown
 
 
