@@ -18,7 +18,7 @@ The defaults are that row's recipe (Table 9). Other rows: MobileNetV2 adds `--mo
         --alpha 5e-4 --epochs 90 --lr 0.2 --weight-decay 1e-4
 ViT-S/16 / ImageNet (Table 1: 71.68%; Table 9: Adam, batch 1024, lr 1e-3, 90 epochs):
     torchrun --nproc_per_node=8 tna.py --model vit_s16 --dataset imagenet --data-dir /data/imagenet \\
-        --optimizer adam --batch-size 1024 --lr 1e-3 --epochs 90 --weight-decay 0
+        --optimizer adam --batch-size 1024 --lr 1e-3 --epochs 90 --weight-decay 1e-4
 
 Paper vs code:
 - eq. 1 prints a squared norm per image and no batch reduction: it is summed over classes and averaged
@@ -35,8 +35,8 @@ Paper vs code:
 - Section 4.2 re-initialises "one layer" of an identical twin without saying how: `--twin-init copy
   --reinit-layer L` re-draws layer L with the model's own init; `--reinit-stage` (a whole stage) is ours.
   `--twin-init copy` alone keeps the twins identical, so the matching term stays 0: the script warns.
-- ViT-S/16: weight decay, warm-up and augmentation are not given (the paper cites Beyer et al. 2022,
-  whose recipe has them); the command above uses none.
+- ViT-S/16: weight decay, warm-up and augmentation are not given (the paper cites Beyer et al. 2022):
+  choice, Beyer et al.'s weight decay 1e-4 (here as Adam's L2 term), no warm-up, the standard augmentation.
 """
 import argparse
 import json
