@@ -15,10 +15,13 @@ share their runs, so a baseline printed in several tables trains once.
 a folder with summary.json is finished and never touched again; one with checkpoint.pt continues
 with `--resume`; anything else starts afresh. `--dry-run` prints the commands, one per line, for a
 cluster's job script (a row that starts from another row's run, `{run:ID}`, is printed after it:
-keep that order). Arguments after `--` go to every command (e.g. `-- --data-dir /data`); they are
-not part of a run's identity, so give a variant of a row its own `--out-dir`, e.g. CIFAR-10 from JPEG files:
+keep that order). Arguments after `--` go to every command (e.g. `-- --data-dir /data --channels-last`); they
+are not part of a run's identity, so they must not change what it computes. Another copy of a row's dataset is
+`--dataset NAME=SPEC`, given to `run` and `report` alike; its runs get folders of their own. E.g. CIFAR-10 as
+JPEG files (accuracies land near, not at, those on the original PNG-exact images):
 
-    python benchmarks/reproduce.py run 'tna-t1-*-cifar10' --out-dir runs/cifar10-jpeg -- --dataset folder:PATH
+    python benchmarks/reproduce.py run 'tna-t1-convnet-cifar10*' --dataset cifar10=folder:PATH --seeds 0
+    python benchmarks/reproduce.py report 'tna-t1-convnet-cifar10*' --dataset cifar10=folder:PATH --seeds 0
 
 `report` prints, per row, the paper's value, ours as mean ± sample std over the finished seeds (n),
 the baseline's, both gains, and whether the paper's value lies within our mean ± 2 std. Unfinished
@@ -74,6 +77,12 @@ class Row:
     source: str = ""
     note: str = ""
     also: tuple = ()  # other numbers the paper prints for the same run: ((reads, value), ...)
+    dataset_from: str = None  # run's --dataset NAME=SPEC: the row trains on SPEC instead of its dataset
+
+    @property
+    def dataset(self):
+        argv = self.argv
+        return argv[argv.index("--dataset") + 1] if "--dataset" in argv else None
 
     @property
     def argv(self):
@@ -522,10 +531,29 @@ def check_data(rows, data):
              "classes, 10,000 training and 2,000 test images" + (f"; {data} does not exist" if data else ""))
 
 
+def use_datasets(overrides):
+    """--dataset NAME=SPEC (e.g. cifar10=folder:PATH, CIFAR-10 exported as image files): every row that trains on
+    NAME, baselines and starting runs included, trains on SPEC instead. Rewrites the registry in place."""
+    names = sorted({row.dataset for row in REGISTRY if row.dataset and "{" not in row.dataset})
+    for override in overrides:
+        name, _, spec = override.partition("=")
+        if not spec or name not in names:
+            fail(f"--dataset takes NAME=SPEC, NAME one of the registry's datasets ({', '.join(names)}) and SPEC any "
+                 f"--dataset the scripts accept (e.g. cifar10=folder:PATH); got {override!r}")
+        for row in REGISTRY:
+            if row.dataset == name:
+                ROWS[row.id] = replace(row, dataset_from=spec)
+    REGISTRY[:] = [ROWS[row.id] for row in REGISTRY]
+
+
 def run_folder(out_dir, row, seed):
     """Rows with equal arguments share a folder: the hash covers the script and the arguments as the registry
-    writes them ({data} unfilled: the CPU tier's runs are found again wherever the file lives)."""
+    writes them ({data} unfilled: the CPU tier's runs are found again wherever the file lives), and for a row
+    given another --dataset, that dataset's folder or file name (not its path, for the same reason)."""
     identity = f"{row.script} {row.args}"
+    if row.dataset_from:
+        kind, _, path = row.dataset_from.rpartition(":")
+        identity += f" --dataset-from {kind + ':' if kind else ''}{Path(path).name}"
     return Path(out_dir) / f"{Path(row.script).stem}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}" / f"seed{seed}"
 
 
@@ -553,6 +581,8 @@ def command(row, seed, folder, out_dir, data, python="python", launcher=None, ex
         return [*prefix, script, "--resume", str(folder), *extra]
     argv = [token.replace("{data}", str(data)) for token in row.argv]
     argv = [str(run_folder(out_dir, ROWS[token[5:-1]], seed)) if token.startswith("{run:") else token for token in argv]
+    if row.dataset_from:
+        argv[argv.index("--dataset") + 1] = row.dataset_from
     return [*prefix, script, *argv, "--seed", str(seed), "--out-dir", str(folder), *extra]
 
 
@@ -750,6 +780,8 @@ def report_command(args):
         writer.writeheader()
         writer.writerows(table)
         return
+    for override in args.dataset:
+        print("Rows on {} trained on {}.\n".format(*override.split("=", 1)))
     print("| row | reads | paper | ours: mean ± std (n seeds) | baseline: paper / ours | gain: paper / ours "
           "| paper within ours ± 2 std |")
     print("|---|---|---|---|---|---|---|")
@@ -790,6 +822,9 @@ def parse_args(argv=None):
                           help="also every other number the paper prints for a row's run (top-5, best, NLL)")
     runner.add_argument("--data", default=None, help="the .npz the CPU-tier rows train on ({data} in their arguments)")
     for sub in (runner, reporter):
+        sub.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
+                         help="rows on dataset NAME train on SPEC instead, in runs of their own "
+                              "(e.g. cifar10=folder:PATH); give the same to report")
         sub.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds of every row")
         sub.add_argument("--out-dir", default="runs/reproduce", help="where the runs live")
     args = parser.parse_args(argv)
@@ -798,6 +833,8 @@ def parse_args(argv=None):
         parser.error("arguments after -- are for `run`")
     if {"--seed", "--out-dir", "--resume"} & set(extra):
         parser.error("--seed, --out-dir and --resume are set per run by reproduce.py: use its --seeds and --out-dir")
+    if "--dataset" in extra:
+        parser.error("another dataset changes what a run measures: give it before --, as --dataset NAME=SPEC")
     if args.command == "run" and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return args
@@ -805,6 +842,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    use_datasets(getattr(args, "dataset", []))
+    if getattr(args, "dataset", None):
+        rows = select(args.ids if args.command == "run" else args.patterns)
+        unused = [o for o in args.dataset if o.partition("=")[0] not in {row.dataset for row in rows}]
+        if unused:
+            fail(f"no selected row trains on the dataset of --dataset {', '.join(unused)}")
     {"list": list_command, "run": run_command, "report": report_command}[args.command](args)
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,3 +322,32 @@ def test_arguments_after_the_separator_are_for_run_only(capsys):
     assert "for `run`" in parse_error(reproduce.parse_args, ["report", "--", "--epochs", "1"], capsys)
     assert "set per run" in parse_error(reproduce.parse_args, ["run", "cpu-tna", "--", "--out-dir", "x"], capsys)
     assert reproduce.parse_args(["run", "cpu-tna", "--jobs", "2", "--", "--amp", "bf16"]).extra == ["--amp", "bf16"]
+
+
+def test_another_copy_of_a_dataset_gets_runs_of_its_own(tmp_path):
+    row = reproduce.ROWS["tna-t1-convnet-cifar10"]
+    runs = lambda *argv: reproduce_cli("run", row.id, "--seeds", "0", "--dry-run", "--out-dir", tmp_path, *argv)
+    plain, jpeg = runs(), runs("--dataset", f"cifar10=folder:{tmp_path}/a/cifar10_jpeg")
+    moved = runs("--dataset", f"cifar10=folder:{tmp_path}/b/cifar10_jpeg")
+    commands = [[shlex.split(line) for line in result.stdout.splitlines()] for result in (plain, jpeg, moved)]
+    assert all(result.returncode == 0 for result in (plain, jpeg, moved))
+    folders = [{line[line.index("--out-dir") + 1] for line in lines} for lines in commands]
+    assert all(line[line.index("--dataset") + 1] == "cifar10" for line in commands[0])
+    # the row and its baseline both train on the copy, in folders of their own, found again wherever it lives
+    assert all(line[line.index("--dataset") + 1] == f"folder:{tmp_path}/a/cifar10_jpeg" for line in commands[1])
+    assert len(commands[1]) == 2 and not folders[0] & folders[1] and folders[1] == folders[2]
+    base_only = {**SUMMARY, "networks": {"base": SUMMARY["networks"]["net1"]}}
+    fake_run(Path(sorted(folders[1])[0]), base_only)  # report finds the copy's runs only when told of it
+    for argv, finished in (([], 0), (["--dataset", f"cifar10=folder:{tmp_path}/b/cifar10_jpeg"], 1)):
+        lines = report_csv(f"{row.id}*", "--seeds", "0", "--out-dir", tmp_path, *argv)
+        assert sum(int(line["n"]) for line in lines.values()) == finished
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar1=folder:x"], "NAME one of the registry's datasets"),
+    (["--dataset", "cifar10"], "--dataset takes NAME=SPEC"),
+    (["--dataset", "cifar100=folder:x"], "no selected row trains on the dataset of --dataset cifar100=folder:x"),
+    (["--", "--dataset", "folder:x"], "give it before --, as --dataset NAME=SPEC")])
+def test_bad_dataset_override_is_one_line(argv, message):
+    result = reproduce_cli("run", "tna-t1-convnet-cifar10", "--dry-run", *argv)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
