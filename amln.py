@@ -155,7 +155,8 @@ def parse_args(argv=None):
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
     common.add_argument("--subset", type=positive_int, help="use only the first N training and N test images")
     common.add_argument("--augment", default="standard", choices=AUGMENTATIONS,
-                        help="standard: crop + flip; rrc: RandomResizedCrop + flip (TNA's Tiny ImageNet)")
+                        help="standard: crop + flip; meanpad: the crop's padding in the mean colour "
+                        "(TNA's CIFAR); rrc: RandomResizedCrop + flip (TNA's Tiny ImageNet)")
     common.add_argument("--holdout", type=nonnegative_int, default=0,
                         help="keep N training images out of training (seeded, class-stratified; run/holdout.json)")
     common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (+ rank under torchrun)")

@@ -46,7 +46,9 @@ Choices:
   CIFAR recipe of He et al. 2016; 64 -> 8 px for Tiny ImageNet) + horizontal flip. MNIST is padded
   to 32x32 and repeated to 3 channels at load time (so every CIFAR model runs on it), then
   translated by up to 2 px (crop 32, padding 2) and never flipped (a mirrored digit is another
-  symbol, or none). "rrc": RandomResizedCrop back to the image size, scale (0.1, 1), ratio
+  symbol, or none). "meanpad": standard with the padding in the dataset's mean colour instead of
+  black: what normalising before RandomCrop gives (its padding is 0 after normalisation), the
+  order of the TNA authors' CIFAR code. "rrc": RandomResizedCrop back to the image size, scale (0.1, 1), ratio
   (0.8, 1.25), + flip: the TNA authors' Tiny ImageNet recipe (their kd_lth code). "autoaugment":
   standard + AutoAugment's CIFAR-10 policy (ImageNet policy on the DataLoader path).
 * ``subset=N``: the first N train and N test images when the rows are in no class order
@@ -65,7 +67,7 @@ import math
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -79,8 +81,9 @@ from torchvision.transforms import v2
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "imagenet100", "mnist", "sample", "fake",
             "folder:PATH", "PATH.npz")
 # --augment: standard = crop from zero padding + flip (ImageNet folders: RandomResizedCrop 224 + flip);
-# rrc = RandomResizedCrop to the image size with RRC_SCALE, RRC_RATIO + flip; autoaugment = standard + AutoAugment
-AUGMENTATIONS = ("standard", "none", "autoaugment", "rrc")
+# meanpad = standard, padded with the mean colour; rrc = RandomResizedCrop to the image size with RRC_SCALE,
+# RRC_RATIO + flip; autoaugment = standard + AutoAugment
+AUGMENTATIONS = ("standard", "meanpad", "none", "autoaugment", "rrc")
 # The TNA authors' Tiny ImageNet recipe: RandomResizedCrop(64, scale=(0.1, 1), ratio=(0.8, 1.25)) + flip.
 RRC_SCALE, RRC_RATIO = (0.1, 1.0), (0.8, 1.25)
 
@@ -121,9 +124,11 @@ def _flip_draws(generator: torch.Generator, count: int, flip: bool) -> torch.Ten
 
 @dataclass(frozen=True)
 class CropFlip:
-    """Train augmentation of the device path: crop back to size from a zero-padded image, maybe mirror."""
+    """Train augmentation of the device path: crop back to size from a padded image, maybe mirror. The
+    padding is black, or `fill` (a uint8 value per channel)."""
     padding: int
     flip: bool = True
+    fill: tuple = ()
 
     def draw(self, generator: torch.Generator, count: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
         """Per-image (row offset, column offset, flip) for `count` images."""
@@ -133,7 +138,7 @@ class CropFlip:
         return offsets_y, offsets_x, _flip_draws(generator, count, self.flip)
 
     def __call__(self, images: torch.Tensor, offsets_y, offsets_x, flips) -> torch.Tensor:
-        return random_crop_flip(images, offsets_y, offsets_x, flips, self.padding)
+        return random_crop_flip(images, offsets_y, offsets_x, flips, self.padding, self.fill or None)
 
 
 @dataclass(frozen=True)
@@ -221,10 +226,11 @@ def split_holdout(rows: torch.Tensor, labels: torch.Tensor, holdout: int, seed: 
 
 # ----------------------------------------------------------------------------- batched tensor ops
 def random_crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor,
-                     flip_mask: torch.Tensor, padding: int) -> torch.Tensor:
+                     flip_mask: torch.Tensor, padding: int, fill: Optional[Sequence] = None) -> torch.Tensor:
     """Per-image crop and mirror of a batch, in one gather on the batch's device.
 
-    images [B, C, H, W] (any dtype) are zero-padded by ``padding`` on every side; image b is
+    images [B, C, H, W] (any dtype) are padded by ``padding`` on every side, with zeros or with
+    ``fill`` (one value per channel, torchvision's ``pad(image, padding, fill)``); image b is
     cropped back to H x W at row offsets_y[b], column offsets_x[b] of its padded version
     (0 <= offset <= 2 * padding) and then mirrored left-right where flip_mask[b]. This equals
     torchvision's ``hflip(crop(pad(image, padding), y, x, H, W))``, i.e. RandomCrop(H, padding)
@@ -235,6 +241,10 @@ def random_crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: t
     batch, channels, height, width = images.shape
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    if padding and fill is not None:
+        border = torch.ones_like(padded[:1, :1], dtype=torch.bool)
+        border[..., padding:-padding, padding:-padding] = False
+        padded = torch.where(border, torch.tensor(fill, dtype=images.dtype, device=device).view(1, -1, 1, 1), padded)
     rows = offsets_y.to(device)[:, None] + torch.arange(height, device=device)            # [B, H]
     columns = torch.arange(width, device=device).expand(batch, width)
     columns = torch.where(flip_mask.to(device)[:, None], width - 1 - columns, columns)
@@ -701,9 +711,11 @@ def _load_arrays(name: str, data_dir: str) -> ImageArrays:
     raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
 
 
-def _device_crop_flip(augment: str, standard: CropFlip) -> "CropFlip | ResizedCropFlip | None":
-    """The device path's crop for `augment`, from the dataset's standard one (whose flip setting rrc keeps)."""
-    return {"none": None, "rrc": ResizedCropFlip(flip=standard.flip)}.get(augment, standard)
+def _device_crop_flip(augment: str, standard: CropFlip, mean: tuple) -> "CropFlip | ResizedCropFlip | None":
+    """The device path's crop for `augment`, from the dataset's standard one (whose flip setting rrc keeps);
+    meanpad's fill is the mean colour `mean` (0..1 per channel) in uint8."""
+    mean_colour = replace(standard, fill=tuple(round(255 * value) for value in mean))
+    return {"none": None, "rrc": ResizedCropFlip(flip=standard.flip), "meanpad": mean_colour}.get(augment, standard)
 
 
 def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, device, subset,
@@ -717,7 +729,7 @@ def _build_device_data(arrays: ImageArrays, *, batch_size, eval_batch_size, devi
     autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10) if augment == "autoaugment" else None
     train = DeviceLoader(arrays.train_images[train_rows].to(device), arrays.train_labels[train_rows].to(device),
                          batch_size=batch_size, train=True, seed=seed, autoaugment=autoaugment,
-                         crop_flip=_device_crop_flip(augment, arrays.crop_flip), **common)
+                         crop_flip=_device_crop_flip(augment, arrays.crop_flip, arrays.mean), **common)
     return Data(train, evaluation(arrays.test_images, arrays.test_labels, test_rows), len(arrays.class_names),
                 arrays.train_images.shape[-1], arrays.class_names, arrays.mean, arrays.std,
                 evaluation(arrays.train_images, arrays.train_labels, holdout_rows) if holdout else None,

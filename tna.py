@@ -25,8 +25,11 @@ Paper vs code:
   over the batch, as the authors' code (`MSELoss(reduction="sum") / B`); `--match-reduction mean` also
   averages over classes (nn.MSELoss: alpha acts C times weaker).
 - Momentum 0.9 and weight decay (5e-4 CIFAR, 1e-4 TinyImageNet/ImageNet) are not printed: the authors'
-  code's values. Its cosine annealing steps once per epoch; here once per step (same endpoints). Where
-  its learning rates differ from Table 9 (ResNet-50 0.1, TinyImageNet ResNet-18 0.2), Table 9 is followed.
+  code's values. Augmentation is not printed: the authors' code normalises and then crops from 4 px of
+  padding, so the padding is the mean colour (`--augment meanpad`, the default here; not black as in most
+  CIFAR code); Tiny ImageNet: their RandomResizedCrop (`--augment rrc`). Their cosine annealing steps once
+  per epoch; here once per step (same endpoints). Where their learning rates differ from Table 9 (ResNet-50
+  0.1, TinyImageNet ResNet-18 0.2), Table 9 is followed.
 - Initialisation is not printed: the authors' networks keep PyTorch's defaults; here each backbone's
   reference init (models.py: Kaiming for the ResNets' convs).
 - Precision is not printed (the authors' code has optional fp16 autocast): bf16 autocast by default, with
@@ -117,7 +120,8 @@ def parse_args(argv=None):
     common.add_argument("--data-dir", default="./data", help="where the dataset lives (downloaded there when online)")
     common.add_argument("--subset", type=positive_int, help="use only the first N training and N test images")
     common.add_argument("--augment", default="standard", choices=AUGMENTATIONS,
-                        help="standard: crop + flip; rrc: RandomResizedCrop + flip (TNA's Tiny ImageNet)")
+                        help="standard: crop + flip; meanpad: the crop's padding in the mean colour "
+                        "(TNA's CIFAR); rrc: RandomResizedCrop + flip (TNA's Tiny ImageNet)")
     common.add_argument("--holdout", type=nonnegative_int, default=0,
                         help="keep N training images out of training (seeded, class-stratified; run/holdout.json)")
     common.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=0, help="random seed (+ rank under torchrun)")
@@ -148,9 +152,11 @@ def parse_args(argv=None):
     common.add_argument("--stop-after", type=positive_int, help="stop after this epoch (--resume continues the run)")
     # this script's defaults: TNA's CIFAR-100 ResNet-18 recipe (Vandersmissen et al., ICLR 2025, Table 9: batch 256,
     # lr 0.1, 200 epochs; section 3.3: SGD, cosine annealing); momentum 0.9 and weight decay 5e-4 are not printed:
-    # the authors' code (kd_lth, recipe.py, CIFAR) uses them
+    # the authors' code (kd_lth, recipe.py, CIFAR) uses them; it normalises before RandomCrop(32, padding=4), so
+    # its crops are padded with the mean colour (meanpad), not black
     parser.set_defaults(model="resnet18", dataset="cifar100", batch_size=256, lr=0.1, epochs=200, optimizer="sgd",
-                        momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine", warmup_epochs=0)
+                        momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="cosine", warmup_epochs=0,
+                        augment="meanpad")
     method = parser.add_argument_group("TNA (Vandersmissen et al., ICLR 2025)")
     method.add_argument("--alpha", type=nonnegative_float, default=5e-3,
                         help="weight of the logit-matching term (eq. 1); 5e-4 for ResNet-50 (section 4.4); "

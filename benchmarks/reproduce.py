@@ -16,9 +16,9 @@ a folder with summary.json is finished and never touched again; one with checkpo
 with `--resume`; anything else starts afresh. `--dry-run` prints the commands, one per line, for a
 cluster's job script (a row that starts from another row's run, `{run:ID}`, is printed after it:
 keep that order). Arguments after `--` go to every command (e.g. `-- --data-dir /data --channels-last`); they
-are not part of a run's identity, so they must not change what it computes. Another copy of a row's dataset is
-`--dataset NAME=SPEC`, given to `run` and `report` alike; its runs get folders of their own. E.g. CIFAR-10 as
-JPEG files (accuracies land near, not at, those on the original PNG-exact images):
+are not part of a run's identity, so only those that do not change what a run measures (RUN_ONLY) are taken.
+Another copy of a row's dataset is `--dataset NAME=SPEC`, given to `run` and `report` alike; its runs get folders
+of their own. E.g. CIFAR-10 as JPEG files (accuracies land near, not at, those on the original PNG-exact images):
 
     python benchmarks/reproduce.py run 'tna-t1-convnet-cifar10*' --dataset cifar10=folder:PATH --seeds 0
     python benchmarks/reproduce.py report 'tna-t1-convnet-cifar10*' --dataset cifar10=folder:PATH --seeds 0
@@ -100,7 +100,8 @@ class Row:
 
 
 # ==== recipes: each paper's stated setting (explicit, so a change of a script's defaults cannot change a row) ====
-TNA = "--epochs 200 --batch-size 256 --lr {lr} --schedule cosine --weight-decay 5e-4"  # TNA Table 9, section 3.3
+# TNA Table 9, section 3.3; the crops' padding is the mean colour, as the authors' code (it normalises first)
+TNA = "--epochs 200 --batch-size 256 --lr {lr} --schedule cosine --weight-decay 5e-4 --augment meanpad"
 # Tiny ImageNet: weight decay 1e-4 and RandomResizedCrop, as in the TNA authors' code (the paper is silent)
 TNA_TINY = "--epochs 200 --batch-size 256 --lr {lr} --schedule cosine --weight-decay 1e-4 --augment rrc"
 TNA_R50 = "--epochs 90 --batch-size 256 --lr 0.2 --schedule cosine --weight-decay 1e-4"  # Table 9
@@ -798,6 +799,10 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
+# What may follow --: how a run executes, not what it measures (runs are keyed by the row's arguments alone)
+RUN_ONLY = ("--data-dir", "--device", "--amp", "--channels-last", "--compile", "--eval-every", "--stop-after")
+
+
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -835,6 +840,10 @@ def parse_args(argv=None):
         parser.error("--seed, --out-dir and --resume are set per run by reproduce.py: use its --seeds and --out-dir")
     if "--dataset" in extra:
         parser.error("another dataset changes what a run measures: give it before --, as --dataset NAME=SPEC")
+    changing = [flag for flag in (arg.split("=")[0] for arg in extra if arg.startswith("--")) if flag not in RUN_ONLY]
+    if changing:
+        parser.error(f"{changing[0]} after -- would change what the row's runs measure, but not their folder; "
+                     f"accepted after --: {', '.join(RUN_ONLY)}")
     if args.command == "run" and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return args

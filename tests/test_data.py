@@ -30,17 +30,17 @@ def write_image(path, colour, size=(64, 64), file_format="JPEG"):
 
 
 # ----------------------------------------------------------------------------- batched augmentation
-@pytest.mark.parametrize("size, padding", [(32, 4), (64, 8), (32, 2)])
-def test_random_crop_flip_equals_torchvision_pad_crop_hflip(size, padding):
+@pytest.mark.parametrize("size, padding, fill", [(32, 4, None), (64, 8, None), (32, 2, None), (32, 4, (125, 123, 114))])
+def test_random_crop_flip_equals_torchvision_pad_crop_hflip(size, padding, fill):
     generator = torch.Generator().manual_seed(size + padding)
     images = torch.randint(256, (6, 3, size, size), generator=generator, dtype=torch.uint8)
     top = 2 * padding
     cases = [(0, 0, False), (top, top, False), (0, top, True), (top, 0, True),
              (padding - 1, padding + 1, True), (padding, padding, False)]  # hand-picked (y, x, flip)
     offsets_y, offsets_x, flips = (torch.tensor(column) for column in zip(*cases))
-    result = data.random_crop_flip(images, offsets_y, offsets_x, flips, padding)
+    result = data.random_crop_flip(images, offsets_y, offsets_x, flips, padding, fill)
     for image, (y, x, flip), got in zip(images, cases, result):
-        expected = TF.crop(TF.pad(image, [padding]), y, x, size, size)
+        expected = TF.crop(TF.pad(image, [padding], fill=list(fill or [0])), y, x, size, size)
         expected = TF.horizontal_flip(expected) if flip else expected
         assert torch.equal(got, expected), (y, x, flip)
 
@@ -52,6 +52,21 @@ def test_random_crop_flip_equals_torchvision_random_transforms_with_same_draws()
     expected = TF.horizontal_flip(TF.crop(padded, 7, 2, 32, 32))
     got = data.random_crop_flip(image[None], torch.tensor([7]), torch.tensor([2]), torch.tensor([True]), 4)
     assert torch.equal(got[0], expected)
+
+
+def test_meanpad_is_the_crop_of_images_normalised_first():
+    """augment="meanpad" pads with the dataset's mean colour: the same crops as the TNA authors' order,
+    Normalize and then RandomCrop(32, padding=4), whose zero padding is the mean (up to the uint8 rounding)."""
+    loaded = data.build_data("sample", batch_size=16, augment="meanpad", seed=3)
+    crop = loaded.train.crop_flip
+    assert crop == data.CropFlip(padding=4, fill=tuple(round(255 * value) for value in loaded.mean))
+    images = loaded.train.images[:16]
+    draws = crop.draw(torch.Generator().manual_seed(0), len(images), 32, 32)
+    mean, std = (torch.tensor(stat).view(1, 3, 1, 1) for stat in (loaded.mean, loaded.std))
+    authors = data.random_crop_flip(data.normalize(images, mean, std), *draws, 4)
+    ours = data.normalize(crop(images, *draws), mean, std)
+    torch.testing.assert_close(ours, authors, rtol=0, atol=0.5 / 255 / std.min().item() + 1e-6)
+    assert not torch.equal(ours, data.normalize(data.random_crop_flip(images, *draws, 4), mean, std))  # not black
 
 
 # ----------------------------------------------------------------------------- RandomResizedCrop on the device

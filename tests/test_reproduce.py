@@ -322,6 +322,10 @@ def test_arguments_after_the_separator_are_for_run_only(capsys):
     assert "for `run`" in parse_error(reproduce.parse_args, ["report", "--", "--epochs", "1"], capsys)
     assert "set per run" in parse_error(reproduce.parse_args, ["run", "cpu-tna", "--", "--out-dir", "x"], capsys)
     assert reproduce.parse_args(["run", "cpu-tna", "--jobs", "2", "--", "--amp", "bf16"]).extra == ["--amp", "bf16"]
+    # a flag that changes the recipe would put another experiment in the row's folders
+    for recipe_flag in (["--augment", "standard"], ["--lr=0.05"], ["--channels-last", "--epochs", "3"]):
+        error = parse_error(reproduce.parse_args, ["run", "cpu-tna", "--", *recipe_flag], capsys)
+        assert "would change what the row's runs measure" in error and "--eval-every" in error
 
 
 def test_another_copy_of_a_dataset_gets_runs_of_its_own(tmp_path):
