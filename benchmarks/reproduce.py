@@ -38,9 +38,12 @@ At that scale seed noise is as large as the methods' gains: the tier shows that 
 how large the spread is, not which method wins.
 """
 import argparse
+import contextlib
 import csv
 import fnmatch
 import hashlib
+import importlib
+import io
 import json
 import os
 import shlex
@@ -54,6 +57,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("tna.py", "dml.py", "sila.py", "fdl.py", "amln.py", "css.py")
+# What may follow --: how a run executes, not what it measures (runs are keyed by the row's arguments alone)
+RUN_ONLY = ("--data-dir", "--device", "--amp", "--channels-last", "--compile", "--eval-every", "--stop-after")
+# A script's parsed arguments that are not its run's recipe: RUN_ONLY's, those set per run, and paths (which
+# differ from machine to machine)
+NOT_THE_RECIPE = ({flag[2:].replace("-", "_") for flag in RUN_ONLY}
+                  | {"seed", "out_dir", "resume", "overwrite", "given", "dataset", "twin_checkpoint"})
 ACCURACIES = ("top1", "top2", "top5")  # stored as fractions in summary.json, printed in percent as the papers do
 
 
@@ -631,14 +640,38 @@ def read_value(summary, reads):
     return 100 * metrics[metric] if metric in ACCURACIES else metrics[metric]
 
 
+def recipe_changes(row, ran_with):
+    """What a finished run of `row` was trained with (its summary's "args") that the row's command no longer
+    gives, because a script's default or the registry changed since: ["augment='standard', now 'meanpad'"].
+    Arguments that parse to None are resolved by the script at run time (fdl.py's learning rates): not compared."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    module = importlib.import_module(Path(row.script).stem)
+    argv = ["sample" if "{" in token else token for token in row.argv]  # placeholders: paths, not compared
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            now = vars(module.parse_args(argv))
+    except SystemExit:
+        return [f"its row's command no longer parses ({shlex.join(argv)})"]
+    return [f"{key}={ran_with[key]!r}, now {value!r}" for key, value in now.items()
+            if key not in NOT_THE_RECIPE and value is not None and key in ran_with and ran_with[key] != value]
+
+
 def collect(row, seeds, out_dir):
-    """Our values of a row over the seeds: (values, notes) where notes name every seed not averaged in."""
+    """Our values of a row over the seeds: (values, notes) where notes name every seed not averaged in, among
+    them runs made with another recipe than the row's command gives now."""
     values, notes = [], []
     for seed in seeds:
         folder = run_folder(out_dir, row, seed)
         if run_state(folder) == "finished":
             try:
-                values.append(read_value(json.loads((folder / "summary.json").read_text()), row.reads))
+                summary = json.loads((folder / "summary.json").read_text())
+                changes = recipe_changes(row, summary.get("args", {}))
+                if changes:
+                    notes.append(f"seed {seed} made with {'; '.join(changes)}: not averaged (move {folder} away "
+                                 "to run it anew)")
+                else:
+                    values.append(read_value(summary, row.reads))
             except (KeyError, TypeError, ValueError) as error:
                 notes.append(f"seed {seed} unreadable ({row.reads}: {error})")
         elif folder.is_dir():
@@ -799,8 +832,6 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
-# What may follow --: how a run executes, not what it measures (runs are keyed by the row's arguments alone)
-RUN_ONLY = ("--data-dir", "--device", "--amp", "--channels-last", "--compile", "--eval-every", "--stop-after")
 
 
 def parse_args(argv=None):

@@ -285,9 +285,7 @@ def headline(script):
     return shlex.split(line.split("#")[0])[2:]
 
 
-NOT_THE_EXPERIMENT = {"given", "overwrite", "seed", "out_dir", "data_dir", "device", "resume", "stop_after", "compile",
-                      "amp",
-                      "channels_last", "eval_every"}
+NOT_THE_EXPERIMENT = reproduce.NOT_THE_RECIPE - {"dataset", "twin_checkpoint"}  # here the data must match too
 
 
 def namespace(module, argv):
@@ -326,6 +324,20 @@ def test_arguments_after_the_separator_are_for_run_only(capsys):
     for recipe_flag in (["--augment", "standard"], ["--lr=0.05"], ["--channels-last", "--epochs", "3"]):
         error = parse_error(reproduce.parse_args, ["run", "cpu-tna", "--", *recipe_flag], capsys)
         assert "would change what the row's runs measure" in error and "--eval-every" in error
+
+
+def test_a_run_made_with_another_recipe_is_named_not_averaged(tmp_path):
+    """A finished run whose saved arguments differ from what its row's command gives now (a default changed
+    since) is not the row's: report names it and leaves it out; how a run executed (amp, seed, folder) may differ."""
+    row = reproduce.ROWS["cpu-tna"]
+    args = vars(importlib.import_module("tna").parse_args(["sample" if "{" in token else token for token in row.argv]))
+    summary = {**SUMMARY, "networks": {"base": SUMMARY["networks"]["net1"]}}
+    executed_otherwise = {"seed": 2, "out_dir": "elsewhere", "amp": "bf16", "eval_every": 5, "dataset": "cifar10"}
+    for seed, ran_with in enumerate([args, {**args, "augment": "standard"}, {**args, **executed_otherwise}]):
+        fake_run(reproduce.run_folder(tmp_path, row, seed), {**summary, "args": ran_with})
+    line = report_csv(row.id, "--seeds", "0", "1", "2", "--out-dir", tmp_path)[row.id]
+    assert line["n"] == "2" and float(line["ours"]) == 25.0
+    assert line["unfinished"].startswith("seed 1 made with augment='standard', now 'meanpad': not averaged")
 
 
 def test_another_copy_of_a_dataset_gets_runs_of_its_own(tmp_path):
