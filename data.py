@@ -856,8 +856,9 @@ class FolderLoader:
 
 
 def _folder_transforms(augment: str) -> tuple[Callable, Callable]:
-    """ImageNet's: RandomResizedCrop 224 + flip (+ AutoAugment) for training; resize 256 and
-    centre crop 224 for test and for augment="none". Output uint8 CHW, normalised on the device."""
+    """ImageNet's: RandomResizedCrop 224 + flip (+ AutoAugment) for training (meanpad: the same, it pads
+    nothing); resize 256 and centre crop 224 for test and for augment="none". Output uint8 CHW, normalised on
+    the device."""
     test = v2.Compose([v2.Resize(FOLDER_RESIZE), v2.CenterCrop(FOLDER_IMAGE_SIZE), v2.PILToTensor()])
     if augment == "none":
         return test, test
