@@ -1,14 +1,20 @@
 """benchmarks/throughput.py measures; these tests only check that what it counts is counted right and
-that it runs end to end (no timing is asserted: machines here are shared and noisy)."""
+that it runs end to end (no timing is asserted: machines here are shared and noisy). Also
+benchmarks/reencode_jpeg.py, the JPEG copies that measure what compression costs a row."""
 import json
 import math
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 
+from benchmarks.reencode_jpeg import main as reencode_main
+from benchmarks.reencode_jpeg import psnr
 from benchmarks.throughput import OpCounter, TimedLoader, ops_per_step
 
+import data
 from conftest import REPO, require_cifar10_sample
 
 
@@ -63,3 +69,20 @@ def test_benchmark_runs_end_to_end_and_writes_its_table(tmp_path):
     assert set(results["targets"]) == {"tna convnet step <= 1.10x floor", "device loader >= 10x the DataLoader",
                                        "device loader < 5% of a step"}
     assert "# targets: " in result.stdout
+
+
+def test_reencode_jpeg_writes_a_loadable_copy_and_never_overwrites(tmp_path, capsys):
+    """benchmarks/reencode_jpeg.py: the same images and labels through PIL's JPEG encoder, a dataset data.py reads."""
+    out = tmp_path / "q50.npz"
+    reencode_main(["sample", str(out), "--quality", "50"])
+    source, copy = data.build_data("sample", augment="none"), np.load(out)
+    images = source.train.images.permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(copy["y_train"], source.train.labels.numpy()) and copy["x_train"].shape == images.shape
+    loss = psnr(images, copy["x_train"])
+    assert 20 < loss < 40 and f"PSNR {loss:.2f} dB" in capsys.readouterr().out
+    reread = data.build_data(str(out), augment="none")
+    assert reread.class_names == source.class_names and len(reread.test.labels) == len(source.test.labels)
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        reencode_main(["sample", str(out), "--quality", "90"])
+    assert out.read_bytes() == before
