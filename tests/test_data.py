@@ -204,7 +204,7 @@ def test_autoaugment_is_deterministic_and_keeps_global_rng():
 def test_unknown_dataset_and_augment_list_accepted_values():
     with pytest.raises(ValueError, match="cifar100.*tinyimagenet.*folder:PATH.*PATH.npz"):
         data.build_data("cifar1000")
-    with pytest.raises(ValueError, match="standard, none, autoaugment, rrc"):
+    with pytest.raises(ValueError, match="standard, meanpad, none, autoaugment, rrc"):
         data.build_data("fake", augment="randaugment")
 
 
