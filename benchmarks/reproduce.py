@@ -640,19 +640,24 @@ def read_value(summary, reads):
     return 100 * metrics[metric] if metric in ACCURACIES else metrics[metric]
 
 
+def parsed_command(row):
+    """The row's command as its script parses it now: {argument: value} (SystemExit where it does not parse).
+    Placeholders ({data}, {run:ID}: paths, which NOT_THE_RECIPE leaves out) are filled with a stand-in."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    module = importlib.import_module(Path(row.script).stem)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return vars(module.parse_args(["sample" if "{" in token else token for token in row.argv]))
+
+
 def recipe_changes(row, ran_with):
     """What a finished run of `row` was trained with (its summary's "args") that the row's command no longer
     gives, because a script's default or the registry changed since: ["augment='standard', now 'meanpad'"].
     Arguments that parse to None are resolved by the script at run time (fdl.py's learning rates): not compared."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    module = importlib.import_module(Path(row.script).stem)
-    argv = ["sample" if "{" in token else token for token in row.argv]  # placeholders: paths, not compared
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            now = vars(module.parse_args(argv))
+        now = parsed_command(row)
     except SystemExit:
-        return [f"its row's command no longer parses ({shlex.join(argv)})"]
+        return [f"its row's command no longer parses ({row.args})"]
     return [f"{key}={ran_with[key]!r}, now {value!r}" for key, value in now.items()
             if key not in NOT_THE_RECIPE and value is not None and key in ran_with and ran_with[key] != value]
 
@@ -830,8 +835,6 @@ def report_command(args):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of the whole usage block
         fail(f"{message} (see --help)")
-
-
 
 
 def parse_args(argv=None):

@@ -330,7 +330,7 @@ def test_a_run_made_with_another_recipe_is_named_not_averaged(tmp_path):
     """A finished run whose saved arguments differ from what its row's command gives now (a default changed
     since) is not the row's: report names it and leaves it out; how a run executed (amp, seed, folder) may differ."""
     row = reproduce.ROWS["cpu-tna"]
-    args = vars(importlib.import_module("tna").parse_args(["sample" if "{" in token else token for token in row.argv]))
+    args = reproduce.parsed_command(row)
     summary = {**SUMMARY, "networks": {"base": SUMMARY["networks"]["net1"]}}
     executed_otherwise = {"seed": 2, "out_dir": "elsewhere", "amp": "bf16", "eval_every": 5, "dataset": "cifar10"}
     for seed, ran_with in enumerate([args, {**args, "augment": "standard"}, {**args, **executed_otherwise}]):
